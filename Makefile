@@ -1,0 +1,48 @@
+# Entry points. Every target creates/refreshes the virtualenv from the project's own files first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test test-fast run devhost bench lint format clean
+
+$(STAMP): requirements.txt requirements-local.txt requirements-dev.txt constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: an unpinned resolve would pull the multi-GB CUDA build.
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -r requirements-dev.txt
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+## make test: the whole test suite (what CI runs)
+test: venv
+	$(BIN)/python -m pytest
+
+## make test-fast: skip the slow end-to-end tests
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
+
+## make run: the whole pipeline locally (devhost + local backend), then chat with the result
+run: venv
+	$(BIN)/python -m devhost
+
+## make devhost: just the local Functions + Durable host on 127.0.0.1:7071
+devhost: venv
+	$(BIN)/python -m devhost
+
+bench: venv
+	$(BIN)/python -m bench.devhost
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf .devhost .pytest_cache .ruff_cache

@@ -1,0 +1,47 @@
+"""``python -m devhost [--root DIR] [--port 7071] [--state DIR]``: run a Function App locally."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from pathlib import Path
+
+from .app_loader import AppLoadError
+from .server import serve
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m devhost",
+        description="Local Azure Functions + Durable Functions host for a Python v2-model function_app.py.",
+    )
+    parser.add_argument(
+        "--root", type=Path, default=Path.cwd(), help="app folder (default: current directory)"
+    )
+    parser.add_argument("--port", type=int, default=7071, help="port on 127.0.0.1 (0 = any free port)")
+    parser.add_argument("--state", type=Path, default=None, help="state folder (default: <root>/.devhost)")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        datefmt="%Y-%m-%dT%H:%M:%S",
+    )
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    try:
+        asyncio.run(serve(args.root, args.port, args.state))
+    except AppLoadError as exc:
+        print(f"devhost: cannot load the app: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"devhost: cannot listen on 127.0.0.1:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

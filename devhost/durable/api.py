@@ -1,0 +1,308 @@
+"""The Durable extension's management HTTP API (``/runtime/webhooks/durabletask/``) and client binding.
+
+The Python SDK's ``DurableOrchestrationClient`` calls these routes (its ``rpcBaseUrl``), and the
+check-status payload points people at them. Status codes, bodies and quirks follow the 1.x client:
+every body is JSON or empty, start/raise-event bodies arrive double-encoded, 404 means unknown.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from urllib.parse import quote
+
+from aiohttp import web
+from dateutil.parser import isoparse
+
+from . import history as h
+from .engine import DurableEngine, DurableError
+from .store import Instance
+
+PREFIX = "/runtime/webhooks/durabletask"
+
+
+def client_binding(base_url: str, task_hub: str) -> str:
+    """The JSON string a ``durableClient`` binding receives (placeholders exactly as the extension's)."""
+    base = f"{base_url}{PREFIX}"
+    q = f"taskHub={task_hub}&connection=Storage"
+    return json.dumps(
+        {
+            "taskHubName": task_hub,
+            "creationUrls": {
+                "createNewInstancePostUri": f"{base}/orchestrators/{{functionName}}[/{{instanceId}}]?{q}",
+                "createAndWaitOnNewInstancePostUri": (
+                    f"{base}/orchestrators/{{functionName}}[/{{instanceId}}]"
+                    f"?timeout={{timeoutInSeconds}}&pollingInterval={{intervalInSeconds}}&{q}"
+                ),
+            },
+            "managementUrls": management_urls(base_url, task_hub, "INSTANCEID"),
+            "baseUrl": base,
+            "requiredQueryStringParameters": "",
+            "rpcBaseUrl": f"{base}/",
+        }
+    )
+
+
+def management_urls(base_url: str, task_hub: str, instance_id: str) -> dict[str, str]:
+    base = f"{base_url}{PREFIX}/instances/{quote(instance_id, safe='')}"
+    q = f"taskHub={task_hub}&connection=Storage"
+    return {
+        "id": instance_id,
+        "statusQueryGetUri": f"{base}?{q}",
+        "sendEventPostUri": f"{base}/raiseEvent/{{eventName}}?{q}",
+        "terminatePostUri": f"{base}/terminate?reason={{text}}&{q}",
+        "rewindPostUri": f"{base}/rewind?reason={{text}}&{q}",
+        "purgeHistoryDeleteUri": f"{base}?{q}",
+        "restartPostUri": f"{base}/restart?{q}",
+        "suspendPostUri": f"{base}/suspend?reason={{text}}&{q}",
+        "resumePostUri": f"{base}/resume?reason={{text}}&{q}",
+    }
+
+
+def _error(status: int, message: str) -> web.Response:
+    body = {"Message": message, "ExceptionMessage": message} if status == 400 else {"Message": message}
+    return web.json_response(body, status=status)
+
+
+def _flag(request: web.Request, name: str, default: bool = False) -> bool:
+    value = request.query.get(name)
+    return default if value is None else value.lower() == "true"
+
+
+def _history_for_api(events: list[dict], show_output: bool, show_input: bool) -> list[dict]:
+    """The extension's historyEvents: type names, scheduled times folded into completions."""
+    scheduled: dict[int, dict] = {}
+    out = []
+    for ev in events:
+        kind = h.EventType(ev["EventType"])
+        if kind in (h.EventType.TaskScheduled, h.EventType.SubOrchestrationInstanceCreated):
+            scheduled[ev["EventId"]] = ev
+            continue
+        if kind in (
+            h.EventType.OrchestratorStarted,
+            h.EventType.OrchestratorCompleted,
+            h.EventType.TimerCreated,
+        ):
+            continue
+        item = {"EventType": kind.name, "Timestamp": ev["Timestamp"]}
+        source = scheduled.get(ev.get("TaskScheduledId", -2))
+        if source:
+            item["FunctionName"] = source.get("Name")
+            item["ScheduledTime"] = source["Timestamp"]
+        if kind == h.EventType.ExecutionStarted:
+            item["FunctionName"] = ev.get("Name")
+            if show_input:
+                item["Input"] = ev.get("Input")
+        for key in ("Reason", "Details", "FireAt", "OrchestrationStatus", "Name"):
+            if key in ev and key not in item and not (kind == h.EventType.ExecutionStarted and key == "Name"):
+                item[key] = ev[key]
+        if show_output:
+            for key in ("Result", "Input"):
+                if key in ev and key not in item and kind != h.EventType.ExecutionStarted:
+                    item[key] = ev[key]
+        out.append(item)
+    return out
+
+
+def status_object(
+    engine: DurableEngine, inst: Instance, *, show_input=True, show_history=False, show_history_output=False
+) -> dict:
+    body = {
+        "name": inst.name,
+        "instanceId": inst.id,
+        "runtimeStatus": inst.status,
+        "input": json.loads(inst.input) if (inst.input and show_input) else None,
+        "customStatus": json.loads(inst.custom_status) if inst.custom_status else None,
+        "output": json.loads(inst.output) if inst.output else None,
+        "createdTime": h.iso_seconds(h.parse_iso(inst.created)),
+        "lastUpdatedTime": h.iso_seconds(h.parse_iso(inst.updated)),
+    }
+    if show_history:
+        events = [json.loads(e) for e in engine.store.load_history(inst.id)]
+        body["historyEvents"] = _history_for_api(events, show_history_output, show_input)
+    return body
+
+
+def _parse_body_input(raw: bytes) -> str | None:
+    """Start/raise bodies: the Python client sends ``json.dumps(value)`` as a JSON string (double-encoded)."""
+    if not raw.strip():
+        return None
+    value = json.loads(raw)
+    if value is None:
+        return None
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+class ManagementApi:
+    def __init__(self, engine: DurableEngine, task_hub: str):
+        self.engine = engine
+        self.task_hub = task_hub
+
+    def routes(self) -> list[web.RouteDef]:
+        p = PREFIX
+        return [
+            web.post(p + "/orchestrators/{name}", self.start),
+            web.post(p + "/orchestrators/{name}/{instance_id}", self.start),
+            web.get(p + "/instances", self.list_instances),
+            web.get(p + "/instances/", self.list_instances),
+            web.delete(p + "/instances", self.purge_many),
+            web.delete(p + "/instances/", self.purge_many),
+            web.get(p + "/instances/{instance_id}", self.get_status),
+            web.delete(p + "/instances/{instance_id}", self.purge_one),
+            web.post(p + "/instances/{instance_id}/raiseEvent/{event}", self.raise_event),
+            web.post(p + "/instances/{instance_id}/terminate", self.terminate),
+            web.post(p + "/instances/{instance_id}/suspend", self.suspend),
+            web.post(p + "/instances/{instance_id}/resume", self.resume),
+            web.post(p + "/instances/{instance_id}/restart", self.restart),
+            web.post(p + "/instances/{instance_id}/rewind", self.rewind),
+        ]
+
+    def _check_status_response(self, request: web.Request, inst: Instance) -> web.Response:
+        origin = f"{request.scheme}://{request.host}"
+        payload = management_urls(origin, self.task_hub, inst.id)
+        return web.json_response(
+            payload, status=202, headers={"Location": payload["statusQueryGetUri"], "Retry-After": "10"}
+        )
+
+    async def start(self, request: web.Request) -> web.Response:
+        try:
+            input_text = _parse_body_input(await request.read())
+        except json.JSONDecodeError as exc:
+            return _error(400, f"the request body is not valid JSON: {exc.msg}")
+        try:
+            inst = self.engine.start(
+                request.match_info["name"],
+                request.match_info.get("instance_id"),
+                input_text,
+                request.query.get("version"),
+            )
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        return self._check_status_response(request, inst)
+
+    async def get_status(self, request: web.Request) -> web.Response:
+        inst = self.engine.store.get_instance(request.match_info["instance_id"])
+        if inst is None:
+            return web.Response(status=404)
+        body = status_object(
+            self.engine,
+            inst,
+            show_input=_flag(request, "showInput", True),
+            show_history=_flag(request, "showHistory"),
+            show_history_output=_flag(request, "showHistoryOutput"),
+        )
+        if inst.status in h.TERMINAL_STATUSES:
+            return web.json_response(body, status=200)
+        origin = f"{request.scheme}://{request.host}"
+        return web.json_response(
+            body,
+            status=202,
+            headers={
+                "Location": management_urls(origin, self.task_hub, inst.id)["statusQueryGetUri"],
+                "Retry-After": "5",
+            },
+        )
+
+    def _filtered(self, request: web.Request) -> list[Instance]:
+        clauses, args = [], []
+        for param, op in (("createdTimeFrom", ">="), ("createdTimeTo", "<=")):
+            if request.query.get(param):
+                clauses.append(f"created {op} ?")
+                args.append(h.iso(_parse_time(request.query[param], param)))
+        statuses = [s for s in request.query.get("runtimeStatus", "").split(",") if s]
+        if statuses:
+            clauses.append(f"status IN ({', '.join('?' * len(statuses))})")
+            args.extend(statuses)
+        prefix = request.query.get("instanceIdPrefix")
+        if prefix:
+            clauses.append("substr(id, 1, ?) = ?")
+            args.extend([len(prefix), prefix])
+        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
+        return self.engine.store.query_instances(where, args)
+
+    async def list_instances(self, request: web.Request) -> web.Response:
+        try:
+            instances = self._filtered(request)
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        top = int(request.query.get("top", "0") or 0)
+        start = int(request.headers.get("x-ms-continuation-token", "0") or 0)
+        headers = {}
+        if top > 0:
+            page = instances[start : start + top]
+            if start + top < len(instances):
+                headers["x-ms-continuation-token"] = str(start + top)
+            instances = page
+        show_input = _flag(request, "showInput", False)
+        body = [status_object(self.engine, i, show_input=show_input) for i in instances]
+        return web.json_response(body, headers=headers)
+
+    async def purge_one(self, request: web.Request) -> web.Response:
+        inst = self.engine.store.get_instance(request.match_info["instance_id"])
+        if inst is None or self.engine.purge([inst]) == 0:
+            return web.Response(status=404)
+        return web.json_response({"instancesDeleted": 1})
+
+    async def purge_many(self, request: web.Request) -> web.Response:
+        if not request.query.get("createdTimeFrom"):
+            return _error(400, "purging by filter needs createdTimeFrom")
+        try:
+            deleted = self.engine.purge(self._filtered(request))
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        if deleted == 0:
+            return web.Response(status=404)
+        return web.json_response({"instancesDeleted": deleted})
+
+    async def raise_event(self, request: web.Request) -> web.Response:
+        if request.content_type != "application/json":
+            return _error(400, "raiseEvent needs Content-Type: application/json")
+        try:
+            raw = await request.read()
+            # The extension stores the parsed body as the event's JSON: a client that posts
+            # json.dumps(data) (the Python SDK does) gets a *string* back from wait_for_external_event.
+            input_text = json.dumps(json.loads(raw)) if raw.strip() else None
+            self.engine.raise_event(
+                request.match_info["instance_id"], request.match_info["event"], input_text
+            )
+        except json.JSONDecodeError as exc:
+            return _error(400, f"the event payload is not valid JSON: {exc.msg}")
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        return web.Response(status=202)
+
+    async def _simple(self, request: web.Request, op) -> web.Response:
+        try:
+            op(request.match_info["instance_id"], request.query.get("reason", ""))
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        return web.Response(status=202)
+
+    async def terminate(self, request: web.Request) -> web.Response:
+        return await self._simple(request, self.engine.terminate)
+
+    async def suspend(self, request: web.Request) -> web.Response:
+        return await self._simple(request, self.engine.suspend)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        return await self._simple(request, self.engine.resume_instance)
+
+    async def restart(self, request: web.Request) -> web.Response:
+        new_id = request.query.get("restartWithNewInstanceId", "true").lower() != "false"
+        try:
+            inst = self.engine.restart(request.match_info["instance_id"], new_id)
+        except DurableError as exc:
+            return _error(exc.status, str(exc))
+        return self._check_status_response(request, inst)
+
+    async def rewind(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            "rewind is not supported by the devhost; restart the instance instead", status=400
+        )
+
+
+def _parse_time(text: str, param: str) -> datetime:
+    try:
+        return isoparse(text)
+    except ValueError as exc:
+        raise DurableError(400, f"{param}: '{text}' is not an ISO-8601 time") from exc

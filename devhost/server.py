@@ -1,0 +1,171 @@
+"""The devhost: one aiohttp server on one event loop playing the Functions host and the Durable extension.
+
+One loop matters: the Durable SDK caches a module-global aiohttp session, and client functions
+call the host's management API from inside a request the host is serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from aiohttp import web
+
+from .app_loader import AppIndex, load_app
+from .durable.api import ManagementApi, client_binding
+from .durable.engine import DurableEngine
+from .durable.store import Store
+from .http_triggers import HttpTriggers, describe
+from .invoker import Invoker
+from .timer_triggers import TimerTrigger
+
+log = logging.getLogger("devhost")
+
+MAX_REQUEST_BYTES = 100 * 1024 * 1024  # the Functions host's default request size limit
+
+# Extra routes (e.g. a local chat page) a project can add: a callable given the running host.
+RoutePlugin = Callable[["DevHost"], list[web.RouteDef]]
+
+
+@web.middleware
+async def _errors_as_json(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception as exc:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return web.json_response({"error": f"{type(exc).__name__}: {exc}"}, status=500)
+
+
+class DevHost:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        port: int = 7071,
+        state_dir: Path | None = None,
+        bind: str = "127.0.0.1",
+        plugins: list[RoutePlugin] | None = None,
+    ):
+        self.root = root.resolve()
+        self.bind = bind
+        self.port = port
+        self.state_dir = (state_dir or self.root / ".devhost").resolve()
+        self.plugins = plugins or []
+        self.index: AppIndex | None = None
+        self._runner: web.AppRunner | None = None
+        self._timer_tasks: list[asyncio.Task] = []
+        self.timers: dict[str, TimerTrigger] = {}
+        self._manual_runs: set[asyncio.Task] = set()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.index = load_app(self.root)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.state_dir / f"{self.index.task_hub}.sqlite")
+        self._function_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fn")
+        self._replay_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="replay")
+        self.invoker = Invoker(self._function_pool, lambda: self._binding, str(self.root))
+        self.engine = DurableEngine(
+            self.index, self.store, self.invoker, orchestrator_executor=self._replay_pool
+        )
+        self.timers = {t.name.lower(): TimerTrigger(t, self.store, self.invoker) for t in self.index.timers}
+        self.http = HttpTriggers(self.index, self.invoker)
+        app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
+        app.add_routes(ManagementApi(self.engine, self.index.task_hub).routes())
+        app.add_routes(
+            [
+                web.get("/admin/host/status", self._host_status),
+                web.get("/admin/functions", self._list_functions),
+                web.post("/admin/functions/{name}", self._run_function),
+            ]
+        )
+        for plugin in self.plugins:
+            app.add_routes(plugin(self))
+        prefix = "/" + self.index.route_prefix if self.index.route_prefix else ""
+        app.router.add_route("*", prefix + "/{tail:.*}", self.http.handle)
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.bind, self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self._binding = client_binding(self.base_url, self.index.task_hub)
+        (self.state_dir / "devhost.json").write_text(
+            json.dumps({"pid": os.getpid(), "port": self.port, "url": self.base_url, "root": str(self.root)})
+        )
+        self.engine.resume()
+        for timer in self.timers.values():
+            self._timer_tasks.append(asyncio.get_running_loop().create_task(timer.run_forever()))
+        log.info("devhost listening on %s (app %s, state %s)", self.base_url, self.root, self.state_dir)
+
+    async def stop(self) -> None:
+        for task in self._timer_tasks:
+            task.cancel()
+        if self._runner:
+            await self._runner.cleanup()
+        self._function_pool.shutdown(wait=False, cancel_futures=True)
+        self._replay_pool.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
+
+    async def _host_status(self, request: web.Request) -> web.Response:
+        return web.json_response({"state": "Running", "processId": os.getpid(), "url": self.base_url})
+
+    async def _list_functions(self, request: web.Request) -> web.Response:
+        assert self.index
+        return web.json_response([describe(s) for s in self.index.functions.values()])
+
+    async def _run_function(self, request: web.Request) -> web.Response:
+        """``POST /admin/functions/{name}`` runs a non-HTTP function by hand, as Core Tools does."""
+        assert self.index
+        name = request.match_info["name"]
+        spec = self.index.function(name)
+        if spec is None:
+            return web.json_response({"error": f"no function named '{name}'"}, status=404)
+        if spec.kind in ("http", "orchestrator"):
+            what = "call its route" if spec.kind == "http" else "start it through the Durable API"
+            return web.json_response(
+                {"error": f"'{spec.name}' is an {spec.kind} function; {what}"}, status=400
+            )
+        try:
+            body = await request.json() if await request.read() else {}
+        except json.JSONDecodeError:
+            return web.json_response({"error": 'body must be JSON like {"input": "..."}'}, status=400)
+        timer = self.timers.get(spec.name.lower())
+        value = body.get("input") if isinstance(body, dict) else None
+        job = timer.invoke(past_due=False) if timer else self._invoke_by_hand(spec, value)
+        task = asyncio.get_running_loop().create_task(job)
+        self._manual_runs.add(task)
+        task.add_done_callback(self._manual_runs.discard)
+        return web.Response(status=202)
+
+    async def _invoke_by_hand(self, spec, value) -> None:
+        try:
+            await self.invoker.call(spec, value)
+        except Exception:
+            log.exception("function %s failed (run by hand)", spec.name)
+
+
+async def serve(
+    root: Path, port: int, state_dir: Path | None, plugins: list[RoutePlugin] | None = None
+) -> None:
+    host = DevHost(root, port=port, state_dir=state_dir, plugins=plugins)
+    await host.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"devhost listening on {host.base_url}", flush=True)
+    await stop.wait()
+    log.info("shutting down")
+    await host.stop()

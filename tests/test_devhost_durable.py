@@ -1,0 +1,306 @@
+"""The devhost runs the Durable features of a real v2-model app over real HTTP.
+
+One devhost serves the whole module; instance ids are unique per test.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+
+APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
+
+
+def records(log: Path, kind: str) -> list[dict]:
+    if not log.exists():
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("durable")
+    proc = DevhostProcess(
+        APP,
+        tmp / "state",
+        env={
+            "DEVHOST_TEST_LOG": str(tmp / "activities.log"),
+            "DEVHOST_TEST_COUNTERS": str(tmp / "counters"),
+            "TEST_TIMER_SCHEDULE": "*/2 * * * * *",
+        },
+    )
+    proc.start()
+    proc.activity_log = tmp / "activities.log"
+    yield proc
+    proc.stop()
+
+
+def start_via_app(host: DevhostProcess, name: str, payload=None) -> dict:
+    """Start through the app's own HTTP starter: the real DurableOrchestrationClient talks to the host."""
+    r = requests.post(f"{host.url}/api/orchestrators/{name}", json=payload, timeout=30)
+    assert r.status_code == 202, r.text
+    return r.json()
+
+
+def test_http_starter_answers_with_the_check_status_payload(host):
+    payload = start_via_app(host, "hello_chain", ["Tokyo", "Seattle"])
+    assert set(payload) >= {
+        "id",
+        "statusQueryGetUri",
+        "sendEventPostUri",
+        "terminatePostUri",
+        "purgeHistoryDeleteUri",
+    }
+    status = requests.get(payload["statusQueryGetUri"], timeout=10)
+    assert status.status_code in (200, 202)
+    done = host.wait(payload["id"])
+    assert done["runtimeStatus"] == "Completed"
+    assert done["output"] == ["Hello Tokyo!", "Hello Seattle!"]
+
+
+def test_function_chaining_runs_activities_in_order(host):
+    iid = host.start_orchestration("hello_chain", ["a", "b", "c"])
+    assert host.wait(iid)["output"] == ["Hello a!", "Hello b!", "Hello c!"]
+    history = host.status(iid, showHistory=True, showHistoryOutput=True).json()["historyEvents"]
+    completed = [e for e in history if e["EventType"] == "TaskCompleted"]
+    assert [json.loads(e["Result"]) for e in completed] == ["Hello a!", "Hello b!", "Hello c!"]
+    assert all(e["FunctionName"] == "say_hello" for e in completed)
+
+
+def test_fan_out_fan_in_of_150_activities(host):
+    iid = host.start_orchestration("fan_out", {"count": 150})
+    assert host.wait(iid, timeout=120)["output"] == {"count": 150, "sum": sum(i * i for i in range(150))}
+
+
+def test_retry_succeeds_after_transient_failures(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying", {"key": key, "failures": 2, "attempts": 4})
+    assert host.wait(iid)["output"] == {"ok": True, "result": "ok after 3"}
+    attempts = [r["attempt"] for r in records(host.activity_log, "flaky") if r["key"] == key]
+    assert attempts == [1, 2, 3]
+
+
+def test_exhausted_retries_surface_as_a_catchable_exception(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying", {"key": key, "failures": 10, "attempts": 3})
+    out = host.wait(iid)["output"]
+    assert out["ok"] is False
+    assert "Activity function 'flaky' failed: ConnectionError: transient failure 3" in out["error"]
+    assert len([r for r in records(host.activity_log, "flaky") if r["key"] == key]) == 3
+
+
+def test_activity_exception_reaches_the_orchestrator(host):
+    iid = host.start_orchestration("catches_failure")
+    caught = host.wait(iid)["output"]["caught"]
+    assert "Activity function 'explode' failed: ValueError: bad input 42" in caught
+
+
+def test_uncaught_activity_failure_fails_the_instance_with_the_extension_text(host):
+    iid = host.start_orchestration("fails")
+    status = host.wait(iid)
+    assert status["runtimeStatus"] == "Failed"
+    assert status["output"].startswith("Orchestrator function 'fails' failed: ")
+    assert "ValueError: unrecoverable" in status["output"]
+
+
+def test_unknown_activity_fails_with_a_clear_message(host):
+    status = host.wait(host.start_orchestration("calls_unknown"))
+    assert status["runtimeStatus"] == "Failed"
+    assert "The function 'no_such_activity' doesn't exist" in status["output"]
+
+
+def test_async_activity_runs_on_the_host_loop(host):
+    assert host.wait(host.start_orchestration("async_activity"))["output"] == {"echo": {"n": 1}}
+
+
+def test_durable_timer_delays_the_orchestration(host):
+    iid = host.start_orchestration("timer_then_hello", {"seconds": 2})
+    running = host.wait(iid, until=lambda s: s["runtimeStatus"] == "Running")
+    assert running["runtimeStatus"] == "Running"
+    out = host.wait(iid)["output"]
+    assert out["greeting"] == "Hello after timer!"
+    assert out["elapsed"] >= 2.0  # orchestration time moves to (at least) the timer's fire time
+
+
+def test_external_event_wins_the_race_against_its_timeout(host):
+    iid = host.start_orchestration("approval", {"timeout": 60})
+    host.wait(iid, until=lambda s: (s["customStatus"] or {}).get("stage") == "waiting for approval")
+    # Raise through the app's function: the real client double-encodes the payload.
+    r = requests.post(f"{host.url}/api/events/{iid}/Approval", json={"by": "alice"}, timeout=10)
+    assert r.status_code == 202
+    done = host.wait(iid)
+    assert done["output"]["approved"] is True
+    assert json.loads(done["output"]["payload"]) == {"by": "alice"}  # what the real host delivers
+    assert done["customStatus"] == {"stage": "approved"}
+
+
+def test_timeout_wins_when_no_event_arrives(host):
+    iid = host.start_orchestration("approval", {"timeout": 1})
+    done = host.wait(iid)
+    assert done["output"] == {"approved": False}
+    assert done["customStatus"] == {"stage": "timed out"}
+
+
+def test_sub_orchestrations_succeed_and_fail_independently(host):
+    iid = host.start_orchestration("parent", [3, -1, 4])
+    out = host.wait(iid)["output"]
+    assert out[0] == 9 and out[2] == 16
+    assert out[1].startswith("failed: Orchestrator function 'child_square' failed: negative input -1")
+    children = requests.get(
+        f"{host.durable}/instances/", params={"instanceIdPrefix": iid + ":"}, timeout=10
+    ).json()
+    assert sorted(c["runtimeStatus"] for c in children) == ["Completed", "Completed", "Failed"]
+
+
+def test_continue_as_new_resets_history_each_generation(host):
+    iid = host.start_orchestration("counter", {"n": 0, "limit": 25})
+    out = host.wait(iid)["output"]
+    assert out["final"] == 25
+    assert out["history_length"] <= 4  # a fresh [OrchestratorStarted, ExecutionStarted, ...] each generation
+
+
+def test_custom_status_is_visible_while_running(host):
+    iid = host.start_orchestration("long_steps", {"steps": 3, "seconds": 0.5})
+    seen = host.wait(
+        iid, until=lambda s: s["runtimeStatus"] == "Running" and s["customStatus"] == {"step": 1}
+    )
+    assert seen["customStatus"] == {"step": 1}
+    assert host.wait(iid)["runtimeStatus"] == "Completed"
+
+
+def test_terminate_stops_an_instance_and_keeps_the_reason(host):
+    iid = host.start_orchestration("waits_forever")
+    host.wait(iid, until=lambda s: s["customStatus"] == "waiting")
+    r = requests.post(
+        f"{host.durable}/instances/{iid}/terminate", params={"reason": "no longer needed"}, timeout=10
+    )
+    assert r.status_code == 202
+    status = host.wait(iid)
+    assert status["runtimeStatus"] == "Terminated"
+    assert status["output"] == "no longer needed"
+    again = requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "x"}, timeout=10)
+    assert again.status_code == 410
+
+
+def test_raise_event_after_completion_is_gone(host):
+    iid = host.start_orchestration("hello_chain", ["x"])
+    host.wait(iid)
+    r = requests.post(f"{host.durable}/instances/{iid}/raiseEvent/Late", json=json.dumps({}), timeout=10)
+    assert r.status_code == 410
+
+
+def test_purge_deletes_a_finished_instance(host):
+    iid = host.start_orchestration("hello_chain", ["x"])
+    host.wait(iid)
+    r = requests.delete(f"{host.durable}/instances/{iid}", timeout=10)
+    assert r.status_code == 200 and r.json() == {"instancesDeleted": 1}
+    assert host.status(iid).status_code == 404
+
+
+def test_purge_refuses_a_running_instance(host):
+    iid = host.start_orchestration("waits_forever")
+    host.wait(iid, until=lambda s: s["runtimeStatus"] == "Running")
+    assert requests.delete(f"{host.durable}/instances/{iid}", timeout=10).status_code == 404
+    assert host.status(iid).json()["runtimeStatus"] == "Running"
+    requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "cleanup"}, timeout=10)
+
+
+def test_unknown_instance_is_404(host):
+    assert host.status("does-not-exist").status_code == 404
+
+
+def test_unknown_orchestrator_is_400_with_the_extension_message_shape(host):
+    r = requests.post(f"{host.durable}/orchestrators/nope", timeout=10)
+    assert r.status_code == 400
+    assert "The function 'nope' doesn't exist" in r.json()["ExceptionMessage"]
+
+
+def test_starting_a_running_instance_id_again_is_refused(host):
+    iid = f"fixed-{uuid.uuid4().hex[:8]}"
+    host.start_orchestration("waits_forever", instance_id=iid)
+    r = requests.post(f"{host.durable}/orchestrators/waits_forever/{iid}", timeout=10)
+    assert r.status_code == 409
+    requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "cleanup"}, timeout=10)
+
+
+def test_suspend_holds_events_until_resume(host):
+    iid = host.start_orchestration("approval", {"timeout": 120})
+    host.wait(iid, until=lambda s: s["runtimeStatus"] == "Running")
+    assert requests.post(f"{host.durable}/instances/{iid}/suspend", timeout=10).status_code == 202
+    requests.post(
+        f"{host.durable}/instances/{iid}/raiseEvent/Approval", json=json.dumps({"ok": 1}), timeout=10
+    )
+    time.sleep(0.5)  # give a (wrong) host the chance to process the event while suspended
+    assert host.status(iid).json()["runtimeStatus"] == "Suspended"
+    assert requests.post(f"{host.durable}/instances/{iid}/resume", timeout=10).status_code == 202
+    assert host.wait(iid)["output"]["approved"] is True
+
+
+def test_list_filters_by_status_and_prefix(host):
+    prefix = f"list-{uuid.uuid4().hex[:6]}-"
+    for i in range(3):
+        host.start_orchestration("hello_chain", ["x"], instance_id=f"{prefix}{i}")
+    for i in range(3):
+        host.wait(f"{prefix}{i}")
+    r = requests.get(
+        f"{host.durable}/instances/",
+        params={"instanceIdPrefix": prefix, "runtimeStatus": "Completed"},
+        timeout=10,
+    )
+    assert sorted(s["instanceId"] for s in r.json()) == [f"{prefix}{i}" for i in range(3)]
+
+
+def test_restart_runs_the_instance_again_with_its_input(host):
+    iid = host.start_orchestration("hello_chain", ["again"])
+    host.wait(iid)
+    r = requests.post(
+        f"{host.durable}/instances/{iid}/restart", params={"restartWithNewInstanceId": "true"}, timeout=10
+    )
+    assert r.status_code == 202
+    new_id = r.json()["id"]
+    assert new_id != iid
+    assert host.wait(new_id)["output"] == ["Hello again!"]
+
+
+def test_http_trigger_routes_params_methods_and_errors(host):
+    r = requests.get(f"{host.url}/api/items/42", params={"q": "z"}, timeout=10)
+    assert r.json() == {"id": 42, "q": "z"}
+    assert requests.get(f"{host.url}/api/items/abc", timeout=10).text == "name=abc detail=None"
+    assert requests.get(f"{host.url}/api/items/abc/more", timeout=10).text == "name=abc detail=more"
+    assert requests.get(f"{host.url}/api/items/ab1", timeout=10).status_code == 404
+    r = requests.put(f"{host.url}/api/files/a/b/c.txt", data="hi", headers={"x-test": "t"}, timeout=10)
+    assert r.status_code == 201 and r.headers["X-Echo"] == "t"
+    assert r.json() == {"path": "a/b/c.txt", "method": "PUT", "body": "hi"}
+    assert requests.delete(f"{host.url}/api/files/a", timeout=10).status_code == 405
+    boom = requests.get(f"{host.url}/api/boom", timeout=10)
+    assert boom.status_code == 500 and "kaboom" in boom.json()["error"]
+
+
+def test_timer_trigger_fires_on_its_ncrontab_cadence(host):
+    deadline = time.monotonic() + 30
+    while len(records(host.activity_log, "tick")) < 3 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ticks = [r["t"] for r in records(host.activity_log, "tick")]
+    assert len(ticks) >= 3
+    # "*/2 * * * * *" fires on even seconds: never twice within the same 2-second slot.
+    slots = [int(t) // 2 for t in ticks]
+    assert len(slots) == len(set(slots))
+    assert all(b - a >= 1.5 for a, b in itertools.pairwise(ticks))
+
+
+def test_admin_endpoint_runs_a_timer_function_by_hand(host):
+    before = len(records(host.activity_log, "tick"))
+    r = requests.post(f"{host.url}/admin/functions/ticker", json={"input": ""}, timeout=10)
+    assert r.status_code == 202
+    deadline = time.monotonic() + 10
+    while len(records(host.activity_log, "tick")) <= before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(records(host.activity_log, "tick")) > before

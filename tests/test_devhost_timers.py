@@ -1,0 +1,104 @@
+"""Timer trigger start-up rules (run_on_startup, missed occurrences) and the determinism check."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import pytest
+
+from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+
+APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
+
+
+def make_host(tmp_path):
+    return DevhostProcess(
+        APP,
+        tmp_path / "state",
+        env={
+            "DEVHOST_TEST_LOG": str(tmp_path / "activities.log"),
+            "DEVHOST_TEST_COUNTERS": str(tmp_path / "counters"),
+            "TEST_TIMER_SCHEDULE": "0 0 0 1 1 *",
+        },
+    )
+
+
+def records(tmp_path, kind):
+    log = tmp_path / "activities.log"
+    if not log.exists():
+        return []
+    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
+
+
+def wait_for(predicate, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def host(tmp_path):
+    proc = make_host(tmp_path)
+    yield proc
+    proc.stop()
+
+
+def test_run_on_startup_runs_once_at_start_and_monitored_timers_do_not(host, tmp_path):
+    host.start()
+    assert wait_for(lambda: records(tmp_path, "on_startup"))
+    time.sleep(0.5)
+    assert [r["past_due"] for r in records(tmp_path, "on_startup")] == [False]
+    assert records(tmp_path, "yearly") == []
+
+
+def test_a_missed_occurrence_runs_once_past_due_after_downtime(host, tmp_path):
+    state = tmp_path / "state"
+    state.mkdir(parents=True)
+    host.start()  # creates the database
+    host.stop()
+    db = sqlite3.connect(state / "DevhostTestHub.sqlite")
+    db.execute(
+        "INSERT OR REPLACE INTO timer_status VALUES ('yearly', '2020-01-01T00:00:00.000000Z', "
+        "'2021-01-01T00:00:00.000000Z', '2020-01-01T00:00:00.000000Z')"
+    )
+    db.commit()
+    db.close()
+    host.start()
+    assert wait_for(lambda: records(tmp_path, "yearly"))
+    run = records(tmp_path, "yearly")[0]
+    assert run["past_due"] is True
+    assert run["schedule_status"]["Next"].startswith("2021-01-01")
+    host.stop()
+    host.start()  # the status was updated: no second past-due run
+    time.sleep(1.0)
+    assert len(records(tmp_path, "yearly")) == 1
+
+
+def test_replay_that_changes_course_fails_as_non_deterministic(host, tmp_path):
+    host.start()
+    flag = tmp_path / "flag"
+    flag.write_text("first")
+    iid = host.start_orchestration("nondeterministic", {"flag_file": str(flag)})
+    assert wait_for(lambda: records(tmp_path, "slow_step_start"))
+    flag.write_text("second")  # the next replay schedules a different activity input
+    status = host.wait(iid)
+    assert status["runtimeStatus"] == "Failed"
+    assert "Non-Deterministic workflow detected" in status["output"]
+
+
+def test_host_timestamps_parse_to_the_same_instant_as_the_sdks_parser():
+    from datetime import datetime, timezone
+
+    from dateutil.parser import parse
+
+    from devhost.durable.episode import _fast_timestamp_parse
+    from devhost.durable.history import iso
+
+    for ts in (datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc), datetime.now(timezone.utc)):
+        assert _fast_timestamp_parse(iso(ts)) == parse(iso(ts))
+    assert _fast_timestamp_parse("2026-01-02T03:04:05Z") == parse("2026-01-02T03:04:05Z")
