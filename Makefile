@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast run devhost bench lint format clean
+.PHONY: venv test test-fast run smoke devhost bench lint format clean
 
 $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,13 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
-## make run: the whole pipeline locally (devhost + local backend), then chat with the result
+## make run: the whole pipeline locally (devhost + local backend, demo preset), then chat with the result
 run: venv
-	$(BIN)/python -m devhost
+	$(BIN)/python -m cli run --preset demo
+
+## make smoke: the same with the tiny model (about a minute)
+smoke: venv
+	$(BIN)/python -m cli run --preset smoke
 
 ## make devhost: just the local Functions + Durable host on 127.0.0.1:7071
 devhost: venv

@@ -1,14 +1,181 @@
-"""The Function App: HTTP API, Durable orchestrations and activities of the Phi-3 fine-tune pipeline.
+"""The Function App: the run API, the Durable pipeline and its activities.
 
 Runs unchanged under Azure Functions (``func start`` / a deployed app) and under ``python -m devhost``.
+
+    POST /api/finetune              start a run (body = run config; 202 + Durable check-status payload)
+    GET  /api/runs                  list runs
+    GET  /api/runs/{run_id}         the run summary (steps, job, model, endpoint; never a key)
+    POST /api/runs/{run_id}/cancel  terminate the run and cancel its fine-tune job
 """
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+from datetime import UTC, datetime
 
 import azure.durable_functions as df
 import azure.functions as func
 
+from activities.blueprint import bp as activities_bp
+from orchestrators.finetune import PipelineInput, wait_instance_id
+from orchestrators.finetune import bp as pipeline_bp
+from orchestrators.monitor import bp as monitor_bp
+from pipeline.config import InvalidRunConfig, parse_run_config
+from pipeline.naming import RunNames
+from pipeline.summary import WAIT_STEPS, build_summary
+from settings import get_settings
+
 app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
+app.register_functions(pipeline_bp)
+app.register_functions(monitor_bp)
+app.register_functions(activities_bp)
+
+log = logging.getLogger("function_app")
+PIPELINE = "finetune_pipeline"
+ACTIVE = ("Running", "Pending", "ContinuedAsNew", "Suspended")
+
+
+def _json(body, status: int = 200, headers: dict | None = None) -> func.HttpResponse:
+    return func.HttpResponse(
+        json.dumps(body, default=str), status_code=status, mimetype="application/json", headers=headers
+    )
+
+
+def _new_run_id() -> str:
+    return f"ft-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
 
 
 @app.route(route="health", methods=["GET"], auth_level=func.AuthLevel.ANONYMOUS)
 def health(req: func.HttpRequest) -> func.HttpResponse:
-    return func.HttpResponse('{"status": "ok"}', mimetype="application/json")
+    settings = get_settings()
+    return _json({"status": "ok", "backend": settings.backend})
+
+
+@app.route(route="finetune", methods=["POST"])
+@app.durable_client_input(client_name="client")
+async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
+    try:
+        body = json.loads(req.get_body() or b"{}")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _json({"errors": [{"field": "(body)", "message": f"not valid JSON: {exc}"}]}, 400)
+    settings = get_settings()
+    try:
+        cfg = parse_run_config(body, settings)
+    except InvalidRunConfig as exc:
+        return _json({"errors": [p.model_dump() for p in exc.problems]}, 400)
+    run_id = cfg.run_id or _new_run_id()
+    existing = await client.get_status(run_id)
+    if existing and existing.runtime_status and existing.runtime_status.name in ACTIVE:
+        return _json(
+            {
+                "errors": [
+                    {
+                        "field": "run_id",
+                        "message": f"run {run_id} is still "
+                        f"{existing.runtime_status.name}; cancel it or pick another run_id",
+                    }
+                ]
+            },
+            409,
+        )
+    names = RunNames.for_run(run_id, cfg)
+    pipeline_input = PipelineInput(run_id=run_id, backend=settings.backend, config=cfg, names=vars(names))
+    await client.start_new(PIPELINE, run_id, pipeline_input.model_dump(mode="json"))
+    log.info("run started run_id=%s preset=%s backend=%s", run_id, cfg.preset, settings.backend)
+    return client.create_check_status_response(req, run_id)
+
+
+async def _wait_statuses(client: df.DurableOrchestrationClient, run_id: str) -> dict[str, dict]:
+    waits = {}
+    for step in WAIT_STEPS:
+        status = await client.get_status(wait_instance_id(run_id, step))
+        if status and status.runtime_status and status.custom_status:
+            waits[step] = status.custom_status
+    return waits
+
+
+@app.route(route="runs/{run_id}", methods=["GET"])
+@app.durable_client_input(client_name="client")
+async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
+    run_id = req.route_params["run_id"]
+    status = await client.get_status(run_id)
+    if not status or status.name is None or status.name.lower() != PIPELINE:
+        return _json({"error": f"no run with id '{run_id}'"}, 404)
+    summary = build_summary(run_id, status.to_json(), await _wait_statuses(client, run_id))
+    if req.params.get("metrics") == "true" and summary.job and summary.job.get("name"):
+        summary.job["metrics"] = await asyncio.to_thread(_job_metrics, summary.job["name"])
+    return _json(summary.model_dump(exclude_none=True))
+
+
+def _job_metrics(job_name: str) -> dict:
+    from backends.factory import get_backend
+    from backends.protocol import BackendError
+
+    try:
+        metrics = get_backend().get_job_metrics(job_name)
+    except BackendError as exc:
+        return {"error": str(exc)}
+    return {key: [[p.step, p.value] for p in points] for key, points in metrics.items()}
+
+
+@app.route(route="runs", methods=["GET"])
+@app.durable_client_input(client_name="client")
+async def list_runs(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
+    runs = []
+    for status in await client.get_status_all():
+        if (status.name or "").lower() != PIPELINE:
+            continue
+        progress = status.custom_status if isinstance(status.custom_status, dict) else {}
+        runs.append(
+            {
+                "run_id": status.instance_id,
+                "status": status.runtime_status.name,
+                "created": status.created_time,
+                "last_updated": status.last_updated_time,
+                "preset": progress.get("preset"),
+                "current_step": progress.get("current_step"),
+            }
+        )
+    runs.sort(key=lambda r: str(r["created"]), reverse=True)
+    return _json({"runs": runs})
+
+
+@app.route(route="runs/{run_id}/cancel", methods=["POST"])
+@app.durable_client_input(client_name="client")
+async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
+    run_id = req.route_params["run_id"]
+    status = await client.get_status(run_id)
+    if not status or (status.name or "").lower() != PIPELINE:
+        return _json({"error": f"no run with id '{run_id}'"}, 404)
+    if status.runtime_status.name not in ACTIVE:
+        return _json({"error": f"run {run_id} is already {status.runtime_status.name}"}, 409)
+    await client.terminate(run_id, "canceled by user")
+    for step in WAIT_STEPS:  # children are not terminated with their parent
+        child = await client.get_status(wait_instance_id(run_id, step))
+        if child and child.runtime_status and child.runtime_status.name in ACTIVE:
+            await client.terminate(wait_instance_id(run_id, step), "run canceled")
+    names = (status.custom_status or {}).get("names", {}) if isinstance(status.custom_status, dict) else {}
+    job = await asyncio.to_thread(_cancel_job, names.get("job"))
+    log.info("run canceled run_id=%s job=%s", run_id, job)
+    return _json({"run_id": run_id, "status": "Terminated", "job": job}, 202)
+
+
+def _cancel_job(job_name: str | None) -> dict | None:
+    from backends.factory import get_backend
+    from backends.protocol import BackendError, NotFoundError
+
+    if not job_name:
+        return None
+    backend = get_backend()
+    try:
+        job = backend.get_job(job_name)
+        if not job.is_terminal:
+            job = backend.cancel_job(job_name)
+    except NotFoundError:
+        return {"name": job_name, "status": "NotSubmitted"}
+    except BackendError as exc:
+        return {"name": job_name, "error": str(exc)}
+    return {"name": job.name, "status": job.status}

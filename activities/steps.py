@@ -1,0 +1,285 @@
+"""One function per pipeline step: parse the input, call the backend, return a small JSON-safe result.
+
+Each step first looks for what it would create (by the deterministic names in ``RunNames``), so a
+retried or replayed activity never creates a second job, model version, endpoint or deployment.
+Secrets are fetched where they are used (the smoke test, evaluation) and never returned.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from backends.protocol import DataAssets, MLBackend, NotFoundError, RegisteredModel, ResourceRef, SetupResult
+from pipeline.chat_dataset import HubDataset, LocalFiles, load_rows, prepare_dataset
+from pipeline.config import RunConfig, resolve_project_path
+from pipeline.steps import StepResult
+from settings import get_settings
+
+log = logging.getLogger("activities")
+
+MANAGED_BY = "phi3-finetune-functions"
+
+
+class StepInput(BaseModel):
+    run_id: str
+    config: RunConfig
+    names: dict[str, str]
+    state: dict[str, Any] = {}
+
+
+def run_dir(run_id: str) -> Path:
+    path = get_settings().state_dir / "runs" / run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _from_setup(result: SetupResult) -> StepResult:
+    return StepResult(
+        summary=result.summary, skipped=result.skipped, outputs=result.details, created=result.created
+    )
+
+
+# setup ---------------------------------------------------------------------------------------------
+def workspace(inp: StepInput, backend: MLBackend) -> StepResult:
+    return _from_setup(backend.ensure_workspace(inp.config))
+
+
+def identity(inp: StepInput, backend: MLBackend) -> StepResult:
+    return _from_setup(backend.ensure_identity(inp.config))
+
+
+def role_assignments(inp: StepInput, backend: MLBackend) -> StepResult:
+    return _from_setup(backend.ensure_role_assignments(inp.config))
+
+
+def quota(inp: StepInput, backend: MLBackend) -> StepResult:
+    return _from_setup(backend.check_quota(inp.config))
+
+
+# data ----------------------------------------------------------------------------------------------
+def _source(cfg: RunConfig):
+    ds = cfg.dataset
+    if ds.files:
+        return LocalFiles(paths=[resolve_project_path(f) for f in ds.files])
+    return HubDataset(id=ds.hub_id, split=ds.split, config_name=ds.config_name)
+
+
+def _prepare(inp: StepInput, backend: MLBackend):
+    cfg = inp.config
+    count_tokens, tokenizer_name = backend.token_counter(cfg)
+    return prepare_dataset(
+        load_rows(_source(cfg)),
+        out_dir=run_dir(inp.run_id) / "data",
+        test_size=cfg.dataset.test_size,
+        seed=cfg.dataset.seed,
+        drop_invalid=cfg.dataset.drop_invalid_rows,
+        count_tokens=count_tokens,
+        tokenizer_name=tokenizer_name,
+        max_tokens=cfg.dataset.max_tokens,
+        epochs=cfg.hyperparameters.num_train_epochs,
+    )
+
+
+def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
+    report = _prepare(inp, backend)
+    tokens = report.tokens
+    summary = (
+        f"{report.rows_valid} valid of {report.rows_read} rows → {report.train_rows} train / "
+        f"{report.test_rows} test; ~{report.estimated_training_tokens:,} training tokens "
+        f"({tokens.tokenizer})"
+    )
+    if report.rows_dropped:
+        summary += f"; dropped {report.rows_dropped} invalid rows (see {report.problems_file})"
+    dataset = {
+        "rows_read": report.rows_read,
+        "rows_valid": report.rows_valid,
+        "rows_dropped": report.rows_dropped,
+        "train_rows": report.train_rows,
+        "test_rows": report.test_rows,
+        "estimated_training_tokens": report.estimated_training_tokens,
+        "tokens": {
+            "tokenizer": tokens.tokenizer,
+            "total": tokens.total_tokens,
+            "p50": tokens.p50,
+            "p95": tokens.p95,
+            "max": tokens.max,
+            "over_max_tokens": tokens.rows_over_max_tokens,
+        },
+        "train_file": report.train_file.model_dump(mode="json"),
+        "test_file": report.test_file.model_dump(mode="json"),
+    }
+    return StepResult(summary=summary, outputs={"dataset": dataset})
+
+
+def upload_data(inp: StepInput, backend: MLBackend) -> StepResult:
+    dataset = inp.state["dataset"]
+    train, test = Path(dataset["train_file"]["path"]), Path(dataset["test_file"]["path"])
+    if not (train.exists() and test.exists()):
+        # Another host instance prepared the data: preparation is deterministic, so redo it here.
+        _prepare(inp, backend)
+    assets = backend.upload_data(inp.run_id, train, test)
+    created = [
+        ResourceRef(kind="data", name=a.name, version=a.version) for a in (assets.train, assets.validation)
+    ]
+    return StepResult(
+        summary=f"train {assets.train.name}:{assets.train.version}, validation "
+        f"{assets.validation.name}:{assets.validation.version}",
+        outputs={"data": assets.model_dump()},
+        created=created,
+    )
+
+
+# fine-tune -----------------------------------------------------------------------------------------
+def compute(inp: StepInput, backend: MLBackend) -> StepResult:
+    info = backend.ensure_compute(inp.config)
+    return StepResult(
+        summary=info.summary,
+        outputs={"compute": {"name": info.name, "size": info.size}},
+        created=info.created,
+    )
+
+
+def submit_finetune(inp: StepInput, backend: MLBackend) -> StepResult:
+    data = DataAssets.model_validate(inp.state["data"])
+    job = backend.submit_finetune(inp.names["job"], inp.config, data, inp.run_id)
+    return StepResult(
+        summary=f"job {job.name} is {job.status}",
+        outputs={"job": {"name": job.name, "link": job.link}},
+        created=[ResourceRef(kind="job", name=job.name)],
+    )
+
+
+def job_status(args: dict, backend: MLBackend) -> dict:
+    job = backend.get_job(args["job_name"])
+    detail = job.model_dump(exclude_none=True, exclude={"name"})
+    return {"done": job.is_terminal, "ok": job.status == "Completed", "status": job.status, "detail": detail}
+
+
+# deploy --------------------------------------------------------------------------------------------
+def register_model(inp: StepInput, backend: MLBackend) -> StepResult:
+    model = backend.register_model(
+        inp.names["job"], inp.names["model"], {"run_id": inp.run_id, "managed-by": MANAGED_BY}
+    )
+    return StepResult(
+        summary=f"model {model.name} version {model.version}",
+        outputs={"model": model.model_dump()},
+        created=[ResourceRef(kind="model", name=model.name, version=model.version)],
+    )
+
+
+def endpoint_tags(inp: StepInput) -> dict[str, str]:
+    expires = datetime.now(UTC) + timedelta(hours=inp.config.deployment.ttl_hours)
+    return {
+        "managed-by": MANAGED_BY,
+        "run-id": inp.run_id,
+        "expires-at": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+    }
+
+
+def endpoint(inp: StepInput, backend: MLBackend) -> StepResult:
+    name = inp.names["endpoint"]
+    try:
+        existing = backend.get_endpoint(name)
+        tags = existing.tags  # a retry keeps the original expiry
+    except NotFoundError:  # the normal first run; a retry keeps the tags it made
+        tags = endpoint_tags(inp)
+    ep = backend.ensure_endpoint(name, tags, inp.config)
+    return StepResult(
+        summary=f"endpoint {ep.name} ({ep.provisioning_state}), expires {ep.tags.get('expires-at')}",
+        outputs={
+            "endpoint": {
+                "name": ep.name,
+                "scoring_uri": ep.scoring_uri,
+                "expires_at": ep.tags.get("expires-at"),
+            }
+        },
+        created=[ResourceRef(kind="endpoint", name=ep.name)],
+    )
+
+
+def deployment(inp: StepInput, backend: MLBackend) -> StepResult:
+    model = RegisteredModel.model_validate(inp.state["model"])
+    dep = backend.ensure_deployment(inp.names["endpoint"], inp.names["deployment"], model, inp.config)
+    return StepResult(
+        summary=f"deployment {dep.name} of {model.name}:{model.version} is {dep.provisioning_state}",
+        created=[ResourceRef(kind="deployment", name=dep.name, parent=dep.endpoint)],
+    )
+
+
+def deployment_status(args: dict, backend: MLBackend) -> dict:
+    dep = backend.get_deployment(args["endpoint"], args["deployment"])
+    done = dep.provisioning_state in ("Succeeded", "Failed", "Canceled")
+    detail = {"provisioning_state": dep.provisioning_state}
+    if dep.error:
+        detail["error"] = dep.error
+    return {
+        "done": done,
+        "ok": dep.provisioning_state == "Succeeded",
+        "status": dep.provisioning_state,
+        "detail": detail,
+    }
+
+
+def traffic(inp: StepInput, backend: MLBackend) -> StepResult:
+    ep = backend.set_traffic(inp.names["endpoint"], {inp.names["deployment"]: 100})
+    return StepResult(summary=f"traffic {ep.traffic}", outputs={"traffic": ep.traffic})
+
+
+# integrate -----------------------------------------------------------------------------------------
+def _first_question(inp: StepInput) -> str:
+    if inp.config.evaluation.smoke_question:
+        return inp.config.evaluation.smoke_question
+    import json
+
+    test_file = Path(inp.state["dataset"]["test_file"]["path"])
+    if test_file.exists():
+        first = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])
+        return next(m["content"] for m in first["messages"] if m["role"] == "user")
+    return "Hello! What can you help me with?"
+
+
+def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
+    from backends.scoring import chat_sync
+
+    name = inp.names["endpoint"]
+    ep = backend.get_endpoint(name)
+    keys = backend.get_endpoint_keys(name)
+    question = _first_question(inp)
+    started = time.perf_counter()
+    answer = chat_sync(
+        ep.scoring_uri,
+        keys.primary.get_secret_value(),
+        [{"role": "user", "content": question}],
+        temperature=0.0,
+        max_new_tokens=inp.config.deployment.max_new_tokens,
+    )
+    latency_ms = round((time.perf_counter() - started) * 1000, 1)
+    if not answer.strip():
+        return StepResult(ok=False, error=f"the endpoint answered '{question}' with an empty string")
+    return StepResult(
+        summary=f"answered in {latency_ms} ms",
+        outputs={
+            "smoke_test": {"question": question[:300], "answer": answer[:300], "latency_ms": latency_ms}
+        },
+    )
+
+
+def cleanup_run(payload: dict, backend: MLBackend) -> dict:
+    """Delete what a failed run created (when the config asks): deployments go with their endpoint."""
+    actions = []
+    for ref in [ResourceRef.model_validate(r) for r in payload.get("created", [])]:
+        if ref.kind == "endpoint":
+            backend.delete_endpoint(ref.name)
+            actions.append(f"deleted endpoint {ref.name}")
+        elif ref.kind == "job":
+            job = backend.get_job(ref.name)
+            if not job.is_terminal:
+                backend.cancel_job(ref.name)
+                actions.append(f"canceled job {ref.name}")
+    return {"actions": actions}

@@ -1,0 +1,385 @@
+"""The local backend: one machine, no Azure. A directory plays the Azure ML workspace.
+
+``<state>/`` holds datasets (immutable versions), fine-tune jobs (child processes), an MLflow
+tracking store and model registry (SQLite), and online endpoints (loopback scoring servers with
+generated keys). Steps that only make sense on Azure (managed identity, role assignments, GPU
+quota) report themselves as skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from backends.protocol import (
+    BackendError,
+    ComputeInfo,
+    DataAsset,
+    DataAssets,
+    DeploymentState,
+    EndpointKeys,
+    EndpointState,
+    JobState,
+    MetricPoint,
+    NotFoundError,
+    RegisteredModel,
+    SetupResult,
+)
+from pipeline.config import PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
+from settings import AppSettings
+
+from .endpoints import (
+    DeploymentNotFoundError,
+    EndpointNotFoundError,
+    EndpointServerError,
+    InvalidEndpointRequest,
+    LocalEndpoints,
+)
+from .jobs import JobNotFoundError, LocalJobRunner
+from .trainer import TrainingSpec
+
+log = logging.getLogger(__name__)
+
+LOCAL_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+EXPERIMENT = "phi3-finetune"
+EVAL_EXPERIMENT = "phi3-evaluation"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class LocalBackend:
+    name = "local"
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.root = settings.state_dir.resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        # MLflow resolves some URIs (a model version's "models:/m-..." source) through the process-wide
+        # tracking URI, not the client's: point it at this workspace, overriding anything inherited.
+        os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
+        os.environ["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
+        self.jobs = LocalJobRunner(self.root)
+        self.endpoints = LocalEndpoints(self.root, tracking_uri=settings.mlflow_tracking_uri)
+        restarted = self.endpoints.ensure_running()
+        if restarted:
+            log.info("restarted local endpoints after a host restart: %s", ", ".join(restarted))
+
+    # setup --------------------------------------------------------------------------------------
+    def ensure_workspace(self, cfg: RunConfig) -> SetupResult:
+        for sub in ("data", "jobs", "endpoints", "runs", "mlartifacts"):
+            (self.root / sub).mkdir(exist_ok=True)
+        return SetupResult(
+            summary=f"local workspace at {self.root}",
+            details={"workspace": str(self.root), "tracking_uri": self.settings.mlflow_tracking_uri},
+        )
+
+    def ensure_identity(self, cfg: RunConfig) -> SetupResult:
+        return SetupResult(
+            summary="",
+            skipped="local backend: jobs and endpoints run as the current user; "
+            "no managed identity is needed",
+        )
+
+    def ensure_role_assignments(self, cfg: RunConfig) -> SetupResult:
+        return SetupResult(summary="", skipped="local backend: no Azure role assignments to make")
+
+    def check_quota(self, cfg: RunConfig) -> SetupResult:
+        return SetupResult(
+            summary="",
+            skipped="local backend: no Azure GPU quota applies; the job uses this machine's CPU/GPU",
+        )
+
+    # data ---------------------------------------------------------------------------------------
+    def base_model(self, cfg: RunConfig) -> str:
+        """What the trainer loads: a named local model or a checkpoint directory."""
+        name = cfg.model.name
+        if name == PHI3_MINI:
+            if not self.settings.phi3_checkpoint_dir:
+                raise BackendError(
+                    f"{PHI3_MINI} needs PHI3_LOCAL_CHECKPOINT_DIR (a local copy) in local mode"
+                )
+            return str(self.settings.phi3_checkpoint_dir.resolve())
+        return name
+
+    def token_counter(self, cfg: RunConfig) -> tuple[Callable[[str], int] | None, str | None]:
+        """The base model's own tokenizer when it is on disk; None means the byte approximation."""
+        base = self.base_model(cfg)
+        if base == TINY_PHI3:
+            return None, None  # its tokenizer is trained on this very data inside the job
+        directory = self.settings.models_dir / "SmolLM2-135M-Instruct" if base == SMOLLM2 else Path(base)
+        if not (directory / "tokenizer_config.json").exists() and not (directory / "tokenizer.json").exists():
+            return None, None
+        from transformers import AutoTokenizer
+
+        from pipeline.chat_dataset import tokenizer_counter
+
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        return tokenizer_counter(tokenizer), directory.name
+
+    def upload_data(self, run_id: str, train_file: Path, validation_file: Path) -> DataAssets:
+        return DataAssets(
+            train=self._register_data(f"{run_id}-train", train_file),
+            validation=self._register_data(f"{run_id}-validation", validation_file),
+        )
+
+    def _register_data(self, name: str, source: Path) -> DataAsset:
+        """Immutable versions like Azure ML data assets: same content reuses its version."""
+        sha = _sha256(source)
+        folder = self.root / "data" / name
+        versions = (
+            sorted((int(p.name) for p in folder.iterdir() if p.name.isdigit()), reverse=True)
+            if folder.exists()
+            else []
+        )
+        for version in versions:
+            meta = json.loads((folder / str(version) / "asset.json").read_text())
+            if meta["sha256"] == sha:
+                return DataAsset(**meta)
+        version = str((versions[0] if versions else 0) + 1)
+        target = folder / version
+        tmp = folder / f".{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        shutil.copy2(source, tmp / source.name)
+        asset = DataAsset(name=name, version=version, uri=str(target / source.name), sha256=sha)
+        (tmp / "asset.json").write_text(asset.model_dump_json())
+        os.replace(tmp, target)
+        return asset
+
+    # fine-tune ----------------------------------------------------------------------------------
+    def ensure_compute(self, cfg: RunConfig) -> ComputeInfo:
+        import torch
+
+        want = cfg.compute.device
+        if want == "cuda" and not torch.cuda.is_available():
+            raise BackendError("compute.device is 'cuda' but no CUDA GPU is visible; use 'auto' or 'cpu'")
+        if want in ("auto", "cuda") and torch.cuda.is_available():
+            size, summary = torch.cuda.get_device_name(0), f"local GPU: {torch.cuda.get_device_name(0)}"
+        else:
+            size, summary = "cpu", f"local CPU ({os.cpu_count()} cores)"
+        return ComputeInfo(name="local", size=size, state="Succeeded", summary=summary)
+
+    def submit_finetune(self, job_name: str, cfg: RunConfig, data: DataAssets, run_id: str) -> JobState:
+        hp = cfg.hyperparameters
+        if hp.lr_scheduler_type not in LOCAL_SCHEDULERS:
+            raise BackendError(
+                f"hyperparameters.lr_scheduler_type '{hp.lr_scheduler_type}' is not supported by "
+                f"the local trainer; use one of {', '.join(LOCAL_SCHEDULERS)}"
+            )
+        spec = TrainingSpec(
+            job_name=job_name,
+            base_model=self.base_model(cfg),
+            models_dir=self.settings.models_dir,
+            train_file=Path(data.train.uri),
+            validation_file=Path(data.validation.uri),
+            learning_rate=hp.learning_rate,
+            lr_scheduler_type=hp.lr_scheduler_type,
+            warmup_ratio=hp.warmup_ratio,
+            num_train_epochs=hp.num_train_epochs,
+            per_device_train_batch_size=hp.per_device_train_batch_size,
+            gradient_accumulation_steps=hp.gradient_accumulation_steps,
+            weight_decay=hp.weight_decay,
+            max_seq_length=hp.max_seq_length,
+            lora_r=hp.lora_r,
+            lora_alpha=hp.lora_alpha,
+            lora_dropout=hp.lora_dropout,
+            full_finetune=not hp.apply_lora,
+            seed=hp.seed,
+            device=cfg.compute.device,
+            mlflow_tracking_uri=self.settings.mlflow_tracking_uri,
+            mlflow_experiment=EXPERIMENT,
+            run_tags={"run_id": run_id, "job_name": job_name},
+        )
+        return self._job_state(self.jobs.submit(job_name, spec))
+
+    def get_job(self, job_name: str) -> JobState:
+        try:
+            return self._job_state(self.jobs.get(job_name))
+        except JobNotFoundError as exc:
+            raise NotFoundError(f"no fine-tune job named '{job_name}' in {self.root / 'jobs'}") from exc
+
+    def cancel_job(self, job_name: str) -> JobState:
+        try:
+            return self._job_state(self.jobs.cancel(job_name))
+        except JobNotFoundError as exc:
+            raise BackendError(f"no fine-tune job named '{job_name}'") from exc
+
+    @staticmethod
+    def _job_state(info) -> JobState:
+        return JobState(
+            name=info.name,
+            status=info.status,
+            step=info.step,
+            total_steps=info.total_steps,
+            epoch=info.epoch,
+            train_loss=info.train_loss,
+            eval_loss=info.eval_loss,
+            tokens_per_second=info.tokens_per_second,
+            error=info.error,
+            link=str(info.log_path),
+            device=info.device,
+        )
+
+    def get_job_metrics(self, job_name: str) -> dict[str, list[MetricPoint]]:
+        info = self.jobs.get(job_name)
+        if not info.mlflow_run_id:
+            return {}
+        client = self._mlflow()
+        out = {}
+        for key in ("train_loss", "eval_loss"):
+            history = client.get_metric_history(info.mlflow_run_id, key)
+            out[key] = [MetricPoint(step=m.step, value=m.value) for m in history]
+        return out
+
+    def _mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        uri = self.settings.mlflow_tracking_uri
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+    # deploy -------------------------------------------------------------------------------------
+    def register_model(self, job_name: str, model_name: str, tags: dict[str, str]) -> RegisteredModel:
+        info = self.jobs.get(job_name)
+        if info.status != "Completed" or not info.model_uri:
+            raise BackendError(
+                f"job '{job_name}' is {info.status}; only a Completed job's model can be registered"
+            )
+        client = self._mlflow()
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client.get_registered_model(model_name)
+        except MlflowException:
+            client.create_registered_model(model_name, tags={"managed-by": "phi3-finetune"})
+        for mv in client.search_model_versions(f"name='{model_name}'"):
+            if mv.tags.get("job_name") == job_name:  # a retried step: reuse, never a second version
+                return RegisteredModel(
+                    name=model_name, version=str(mv.version), uri=f"models:/{model_name}/{mv.version}"
+                )
+        mv = client.create_model_version(
+            model_name, info.model_uri, run_id=info.mlflow_run_id, tags={**tags, "job_name": job_name}
+        )
+        return RegisteredModel(
+            name=model_name, version=str(mv.version), uri=f"models:/{model_name}/{mv.version}"
+        )
+
+    def ensure_endpoint(self, name: str, tags: dict[str, str], cfg: RunConfig) -> EndpointState:
+        try:
+            return self._endpoint_state(self.endpoints.create_or_update_endpoint(name, tags=tags))
+        except (InvalidEndpointRequest, EndpointServerError) as exc:
+            raise BackendError(str(exc)) from exc
+
+    def ensure_deployment(
+        self,
+        endpoint: str,
+        deployment: str,
+        model: RegisteredModel,
+        cfg: RunConfig,
+    ) -> DeploymentState:
+        try:
+            info = self.endpoints.create_or_update_deployment(
+                endpoint,
+                deployment,
+                model_uri=model.uri,
+                instance_count=cfg.deployment.instance_count,
+                max_new_tokens_limit=cfg.deployment.max_new_tokens,
+                request_timeout_ms=cfg.deployment.request_timeout_ms,
+                tags={"model": f"{model.name}:{model.version}"},
+            )
+        except (InvalidEndpointRequest, EndpointServerError) as exc:
+            raise BackendError(str(exc)) from exc
+        except EndpointNotFoundError as exc:
+            raise NotFoundError(str(exc)) from exc
+        return self._deployment_state(info)
+
+    def get_deployment(self, endpoint: str, deployment: str) -> DeploymentState:
+        try:
+            return self._deployment_state(self.endpoints.get_deployment(endpoint, deployment))
+        except (EndpointNotFoundError, DeploymentNotFoundError) as exc:
+            raise NotFoundError(str(exc)) from exc
+
+    @staticmethod
+    def _deployment_state(info) -> DeploymentState:
+        return DeploymentState(
+            endpoint=info.endpoint_name,
+            name=info.name,
+            provisioning_state=info.provisioning_state,
+            model=info.model_uri,
+            error=info.error,
+        )
+
+    def set_traffic(self, endpoint: str, traffic: dict[str, int]) -> EndpointState:
+        try:
+            return self._endpoint_state(self.endpoints.set_traffic(endpoint, traffic))
+        except InvalidEndpointRequest as exc:
+            raise BackendError(str(exc)) from exc
+
+    def get_endpoint(self, name: str) -> EndpointState:
+        try:
+            return self._endpoint_state(self.endpoints.get_endpoint(name))
+        except EndpointNotFoundError as exc:
+            raise NotFoundError(f"no endpoint named '{name}'") from exc
+
+    def get_endpoint_keys(self, name: str) -> EndpointKeys:
+        try:
+            keys = self.endpoints.get_keys(name)
+        except EndpointNotFoundError as exc:
+            raise NotFoundError(f"no endpoint named '{name}'") from exc
+        return EndpointKeys(primary=keys.primary, secondary=keys.secondary)
+
+    def list_endpoints(self) -> list[EndpointState]:
+        return [self._endpoint_state(e) for e in self.endpoints.list_endpoints()]
+
+    def delete_endpoint(self, name: str) -> None:
+        try:
+            self.endpoints.delete_endpoint(name)
+        except EndpointNotFoundError:
+            return
+
+    @staticmethod
+    def _endpoint_state(info) -> EndpointState:
+        return EndpointState(
+            name=info.name,
+            scoring_uri=info.scoring_uri,
+            provisioning_state=info.provisioning_state,
+            tags=info.tags,
+            traffic=info.traffic,
+            last_used_at=info.last_used_at.isoformat() if info.last_used_at else None,
+        )
+
+    # evaluation ---------------------------------------------------------------------------------
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
+        """One MLflow run per pipeline run in the evaluation experiment (reused on retry)."""
+        client = self._mlflow()
+        experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
+        experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else client.create_experiment(
+                EVAL_EXPERIMENT, artifact_location=(self.root / "mlartifacts" / "evaluation").as_uri()
+            )
+        )
+        found = client.search_runs([experiment_id], f"tags.run_id = '{run_id}'", max_results=1)
+        run = (
+            found[0] if found else client.create_run(experiment_id, tags={"run_id": run_id}, run_name=run_id)
+        )
+        run_id_ml = run.info.run_id
+        for model, values in metrics.items():
+            for key, value in values.items():
+                if isinstance(value, int | float) and value is not None:
+                    client.log_metric(run_id_ml, f"{model}.{key}", float(value))
+        for path in artifacts:
+            client.log_artifact(run_id_ml, str(path))
+        client.set_terminated(run_id_ml)

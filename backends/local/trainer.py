@@ -1,0 +1,472 @@
+"""The local fine-tune job: `python -m backends.local.trainer <job_dir>`.
+
+Reads `<job_dir>/spec.json` (a `TrainingSpec`), fine-tunes the base model on the chat data (LoRA
+or full, loss on assistant tokens only, packed rows), logs metrics and the merged model to MLflow,
+and keeps `<job_dir>/status.json` (a `JobStatus`) current. SIGTERM stops it at the next step
+(status Canceled, exit 0); any error ends it with status Failed and a one-line cause (exit 1).
+
+Torch, transformers, peft and MLflow are imported inside the functions that need them, so that
+importing this module (e.g. for `LoopSettings`) stays cheap.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+# The job's file contracts live beside the runner (importing them must not load torch).
+from backends.local.jobs import SPEC_FILE, JobStatus, TrainingSpec, read_status, utc_now, write_status
+
+logger = logging.getLogger("backends.local.trainer")
+
+MODEL_OUTPUT = Path("outputs") / "model"
+
+
+def describe_error(error: BaseException) -> str:
+    """One line naming the cause, fit for status.json (the traceback goes to the log)."""
+    if isinstance(error, ValidationError):
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in error.errors()
+        )
+        return f"invalid {SPEC_FILE}: {problems}"
+    first_line = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first_line}" if first_line else type(error).__name__
+
+
+class JobCanceled(Exception):
+    """Raised at the next checkpoint after SIGTERM."""
+
+
+@dataclass
+class CancelRequest:
+    requested: bool = False
+
+    def install(self) -> None:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: object) -> None:
+        logger.warning("received %s: stopping at the next step", signal.Signals(signum).name)
+        self.requested = True
+
+    def checkpoint(self) -> None:
+        if self.requested:
+            raise JobCanceled("canceled by request")
+
+
+@dataclass(frozen=True)
+class LoopSettings:
+    """The step loop's hyperparameters, named as in TrainingSpec (usable without a job, e.g. by bench/)."""
+
+    learning_rate: float
+    lr_scheduler_type: str = "linear"
+    warmup_ratio: float = 0.0
+    num_train_epochs: int = 1
+    per_device_train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    max_seq_length: int = 2048
+    packing: bool = True
+    seed: int = 42
+    logging_steps: int = 10
+
+    @classmethod
+    def from_spec(cls, spec: TrainingSpec) -> LoopSettings:
+        return cls(**{field.name: getattr(spec, field.name) for field in fields(cls)})
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    epoch: float
+    train_loss: float | None
+    tokens_per_second: float
+    learning_rate: float
+    real_tokens: int  # conversation tokens processed, padding excluded
+    padded_tokens: int  # row slots processed, padding included
+    seconds: float
+    eval_loss: float | None = None
+
+
+def make_optimizer(model: Any, settings: LoopSettings, total_steps: int) -> tuple[Any, Any]:
+    """AdamW (no weight decay on biases and norms) and the warm-up + decay schedule."""
+    import torch
+    from transformers import get_scheduler
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
+    warmup = math.ceil(settings.warmup_ratio * total_steps)
+    scheduler = get_scheduler(
+        settings.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
+    )
+    return optimizer, scheduler
+
+
+def train(
+    model: Any,
+    conversations: Sequence[Any],
+    settings: LoopSettings,
+    *,
+    device: Any,
+    pad_token_id: int,
+    on_progress: Callable[[Progress], None] = lambda progress: None,
+    on_epoch_end: Callable[[Progress], float | None] = lambda progress: None,
+    checkpoint: Callable[[], None] = lambda: None,
+) -> Progress:
+    """Run every epoch's optimizer steps; the loss is the mean over the step's assistant tokens."""
+    import torch
+
+    from backends.local.packing import autocast_for, collate, plan_steps, token_losses
+
+    plan = plan_steps(
+        conversations,
+        epochs=settings.num_train_epochs,
+        row_length=settings.max_seq_length,
+        rows_per_batch=settings.per_device_train_batch_size,
+        gradient_accumulation_steps=settings.gradient_accumulation_steps,
+        packing=settings.packing,
+        seed=settings.seed,
+    )
+    total_steps = sum(len(steps) for steps in plan)
+    optimizer, scheduler = make_optimizer(model, settings, total_steps)
+    meter = _Meter(total_steps, settings.learning_rate)
+    on_progress(meter.progress)
+    model.train()
+    for epoch_index, steps in enumerate(plan):
+        for step_in_epoch, micro_batches in enumerate(steps, start=1):
+            rows_of = [[[conversations[i] for i in row] for row in rows] for rows in micro_batches]
+            batches = [collate(rows, pad_token_id) for rows in rows_of]
+            step_targets = max(1, sum(batch.target_tokens for batch in batches))
+            for batch in batches:
+                with autocast_for(device):
+                    loss_sum = token_losses(model, batch.to(device)).sum()
+                (loss_sum / step_targets).backward()
+                meter.add(batch, float(loss_sum.detach()))
+            torch.nn.utils.clip_grad_norm_(model.parameters(), settings.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            meter.step(epoch_index + step_in_epoch / len(steps), scheduler.get_last_lr()[0])
+            if meter.progress.step % settings.logging_steps == 0 or meter.progress.step == total_steps:
+                on_progress(meter.flush())
+            checkpoint()
+        with meter.paused():  # evaluation time is not training time
+            meter.set_eval_loss(on_epoch_end(meter.progress))
+    return meter.progress
+
+
+class _Meter:
+    """Training clock, token counts and the loss over the current logging window."""
+
+    def __init__(self, total_steps: int, learning_rate: float) -> None:
+        self.progress = Progress(0, total_steps, 0.0, None, 0.0, learning_rate, 0, 0, 0.0)
+        self.window_loss, self.window_targets = 0.0, 0
+        self.real_tokens, self.padded_tokens = 0, 0
+        self.started = time.perf_counter()
+
+    def add(self, batch: Any, loss_sum: float) -> None:
+        self.window_loss += loss_sum
+        self.window_targets += batch.target_tokens
+        self.real_tokens += batch.real_tokens
+        self.padded_tokens += batch.input_ids.numel()
+
+    def step(self, epoch: float, learning_rate: float) -> None:
+        seconds = time.perf_counter() - self.started
+        self.progress = replace(
+            self.progress,
+            step=self.progress.step + 1,
+            epoch=epoch,
+            train_loss=self.window_loss / self.window_targets
+            if self.window_targets
+            else self.progress.train_loss,
+            tokens_per_second=self.real_tokens / seconds if seconds > 0 else 0.0,
+            learning_rate=learning_rate,
+            real_tokens=self.real_tokens,
+            padded_tokens=self.padded_tokens,
+            seconds=seconds,
+        )
+
+    def flush(self) -> Progress:
+        self.window_loss, self.window_targets = 0.0, 0
+        return self.progress
+
+    def set_eval_loss(self, eval_loss: float | None) -> None:
+        if eval_loss is not None:
+            self.progress = replace(self.progress, eval_loss=eval_loss)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        paused_at = time.perf_counter()
+        yield
+        self.started += time.perf_counter() - paused_at
+
+
+class StatusReporter:
+    """Keeps the job's JobStatus and rewrites status.json atomically on every change."""
+
+    def __init__(self, job_dir: Path) -> None:
+        self.job_dir = job_dir
+        self.status = read_status(job_dir) or JobStatus()
+
+    def update(self, **fields: Any) -> None:
+        self.status = self.status.model_copy(update=fields)
+        write_status(self.job_dir, self.status)
+
+
+def resolve_device(choice: str) -> Any:
+    import torch
+
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(
+            f"device 'cuda' was requested but torch {torch.__version__} sees no GPU; use 'auto' or 'cpu'"
+        )
+    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
+    return torch.device("cuda" if use_cuda else "cpu")
+
+
+def ensure_experiment(tracking_uri: str, name: str) -> str:
+    """The experiment's id; created with its artifacts next to a SQLite store (not under the CWD)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if tracking_uri.startswith("sqlite:///"):
+        artifact_location = str(
+            Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlartifacts"
+        )
+    try:
+        return mlflow.create_experiment(name, artifact_location=artifact_location)
+    except MlflowException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        raced = mlflow.get_experiment_by_name(name)  # another job created it meanwhile
+        if raced is None:
+            raise
+        return raced.experiment_id
+
+
+def encode_file(tokenizer: Any, path: Path, max_length: int) -> list[Any]:
+    from backends.local.packing import encode_conversation, load_conversations
+
+    encoded = [encode_conversation(tokenizer, messages, max_length) for messages in load_conversations(path)]
+    truncated = sum(conversation.truncated for conversation in encoded)
+    if truncated:
+        logger.warning(
+            "%d of %d conversations in %s exceed max_seq_length=%d tokens: truncated",
+            *(truncated, len(encoded), path, max_length),
+        )
+    return encoded
+
+
+@dataclass
+class FineTuneJob:
+    """One job's prepare → train → finalize, reporting to status.json and the active MLflow run."""
+
+    job_dir: Path
+    spec: TrainingSpec
+    reporter: StatusReporter
+    cancel: CancelRequest
+    device: Any
+
+    def run(self) -> str:
+        """Returns the logged MLflow model's URI."""
+        from backends.local.base_models import LoraSettings, load_trainable_model, save_merged_model
+        from backends.local.chat_model import log_chat_model
+
+        spec = self.spec
+        base_dir, tokenizer = self.prepare_base()
+        self.train_set = encode_file(tokenizer, spec.train_file, spec.max_seq_length)
+        self.eval_set = (
+            encode_file(tokenizer, spec.validation_file, spec.max_seq_length) if spec.validation_file else []
+        )
+        self.log_dataset_sizes()
+        lora = (
+            None
+            if spec.full_finetune
+            else LoraSettings(spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules)
+        )
+        self.model = load_trainable_model(base_dir, lora=lora, seed=spec.seed, device=self.device)
+        self.cancel.checkpoint()
+        self.settings = LoopSettings.from_spec(spec)
+        self.pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+        final = train(
+            self.model,
+            self.train_set,
+            self.settings,
+            device=self.device,
+            pad_token_id=self.pad_token_id,
+            on_progress=self.report,
+            on_epoch_end=self.evaluate_epoch,
+            checkpoint=self.cancel.checkpoint,
+        )
+        logger.info(
+            "trained %d steps: %.0f tokens/s, last train_loss %s",
+            final.step,
+            final.tokens_per_second,
+            final.train_loss,
+        )
+        self.reporter.update(status="Finalizing")
+        model_dir = save_merged_model(self.model, tokenizer, self.job_dir / MODEL_OUTPUT)
+        self.cancel.checkpoint()
+        return log_chat_model(model_dir)
+
+    def prepare_base(self) -> tuple[Path, Any]:
+        from transformers import AutoTokenizer
+
+        from backends.local.base_models import prepare_base_model
+
+        spec = self.spec
+        corpus = [spec.train_file, *([spec.validation_file] if spec.validation_file else [])]
+        base_dir = prepare_base_model(
+            spec.base_model,
+            models_dir=spec.models_dir,
+            work_dir=self.job_dir / "work",
+            corpus_files=corpus,
+            seed=spec.seed,
+        )
+        self.cancel.checkpoint()
+        tokenizer = AutoTokenizer.from_pretrained(base_dir)
+        if not tokenizer.chat_template:
+            raise ValueError(
+                f"the tokenizer in {base_dir} has no chat template; use an instruct/chat checkpoint"
+            )
+        return base_dir, tokenizer
+
+    def log_dataset_sizes(self) -> None:
+        import mlflow
+
+        truncated = sum(c.truncated for c in self.train_set)
+        sizes = {"train_conversations": len(self.train_set), "validation_conversations": len(self.eval_set)}
+        mlflow.log_params({**sizes, "truncated_conversations": truncated})
+
+    def report(self, progress: Progress) -> None:
+        import mlflow
+
+        self.reporter.update(
+            status="Running",
+            step=progress.step,
+            total_steps=progress.total_steps,
+            epoch=round(progress.epoch, 4),
+            train_loss=progress.train_loss,
+            tokens_per_second=round(progress.tokens_per_second, 1),
+        )
+        if progress.step:
+            metrics = {
+                "learning_rate": progress.learning_rate,
+                "tokens_per_second": progress.tokens_per_second,
+            }
+            if progress.train_loss is not None:
+                metrics["train_loss"] = progress.train_loss
+            mlflow.log_metrics({**metrics, "epoch": progress.epoch}, step=progress.step)
+
+    def evaluate_epoch(self, progress: Progress) -> float | None:
+        import mlflow
+
+        from backends.local.packing import mean_token_loss
+
+        if not self.eval_set:
+            return None
+        eval_loss = mean_token_loss(
+            self.model,
+            self.eval_set,
+            row_length=self.settings.max_seq_length,
+            rows_per_batch=self.settings.per_device_train_batch_size,
+            pad_token_id=self.pad_token_id,
+            device=self.device,
+        )
+        logger.info("epoch %.0f: eval_loss %.4f", progress.epoch, eval_loss)
+        self.reporter.update(eval_loss=eval_loss)
+        mlflow.log_metric("eval_loss", eval_loss, step=progress.step)
+        return eval_loss
+
+
+def run_job(job_dir: Path, spec: TrainingSpec, reporter: StatusReporter, cancel: CancelRequest) -> None:
+    import mlflow
+    import torch
+
+    device = resolve_device(spec.device)
+    torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
+    reporter.update(status="Preparing", started_at=utc_now(), device=str(device), error=None)
+    for field in ("train_file", "validation_file"):
+        path = getattr(spec, field)
+        if path is not None and not Path(path).is_file():
+            raise FileNotFoundError(f"{field} {path} does not exist")
+    experiment_id = ensure_experiment(spec.mlflow_tracking_uri, spec.mlflow_experiment)
+    run = mlflow.start_run(experiment_id=experiment_id, run_name=spec.job_name, tags=spec.run_tags)
+    reporter.update(mlflow_run_id=run.info.run_id)
+    try:
+        mlflow.log_params(
+            spec.model_dump(exclude={"run_tags", "mlflow_tracking_uri", "models_dir"}, mode="json")
+        )
+        model_uri = FineTuneJob(job_dir, spec, reporter, cancel, device).run()
+    except JobCanceled:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    mlflow.end_run("FINISHED")
+    reporter.update(status="Completed", model_uri=model_uri, ended_at=utc_now())
+
+
+def configure_process() -> None:
+    # Nothing may reach the Hugging Face hub; set before transformers/huggingface_hub are imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stdout, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+
+
+def main(argv: Sequence[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m backends.local.trainer <job_dir>", file=sys.stderr)
+        return 2
+    job_dir = Path(argv[0]).resolve()
+    cancel = CancelRequest()
+    cancel.install()  # first, so a cancel during the slow imports below is not lost
+    configure_process()
+    reporter = StatusReporter(job_dir)
+    try:
+        spec = TrainingSpec.model_validate_json((job_dir / SPEC_FILE).read_text(encoding="utf-8"))
+        run_job(job_dir, spec, reporter, cancel)
+    except JobCanceled:
+        logger.warning("job canceled at step %d", reporter.status.step)
+        reporter.update(status="Canceled", ended_at=utc_now())
+        return 0
+    except Exception as error:  # the job's boundary: every failure becomes status Failed with its cause
+        logger.exception("job failed")
+        reporter.update(status="Failed", error=describe_error(error), ended_at=utc_now())
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

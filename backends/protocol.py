@@ -1,0 +1,178 @@
+"""The seam between the pipeline and where it runs: ``MLBackend``, implemented by ``azure`` and ``local``.
+
+Names and states follow Azure ML (job status NotStarted/Queued/Preparing/Running/Finalizing/
+Completed/Failed/Canceled; provisioning states Creating/Updating/Succeeded/Failed/Deleting), so
+the orchestrator reads the same on both. Every result is small and JSON-safe (it crosses Durable
+history); secrets come back only from ``get_endpoint_keys``, never from any other call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from pydantic import BaseModel, Field, SecretStr
+
+from pipeline.config import RunConfig
+
+JOB_TERMINAL = frozenset({"Completed", "Failed", "Canceled", "NotResponding", "Paused"})
+JOB_STATES = (
+    "NotStarted",
+    "Queued",
+    "Preparing",
+    "Provisioning",
+    "Starting",
+    "Running",
+    "CancelRequested",
+    "Finalizing",
+    "Completed",
+    "Failed",
+    "Canceled",
+    "NotResponding",
+    "Paused",
+)
+PROVISIONING_TERMINAL = frozenset({"Succeeded", "Failed", "Canceled"})
+
+
+class BackendError(Exception):
+    """A failure a person must act on (bad config, quota, a resource in a bad state): not retried."""
+
+
+class NotFoundError(BackendError):
+    """The named resource does not exist (get-or-create treats this, and only this, as 'create')."""
+
+
+class ResourceRef(BaseModel):
+    """Something a run created, so a failed run can say what exists and clean it up."""
+
+    kind: (
+        str  # job | model | endpoint | deployment | data | compute | identity | role_assignment | connection
+    )
+    name: str
+    parent: str | None = None
+    version: str | None = None
+
+
+class SetupResult(BaseModel):
+    """Outcome of a setup step; ``skipped`` explains why a step does not apply to this backend."""
+
+    summary: str
+    skipped: str | None = None
+    details: dict = Field(default_factory=dict)
+    created: list[ResourceRef] = Field(default_factory=list)
+
+
+class DataAsset(BaseModel):
+    name: str
+    version: str
+    uri: str
+    sha256: str | None = None
+
+
+class DataAssets(BaseModel):
+    train: DataAsset
+    validation: DataAsset
+
+
+class ComputeInfo(BaseModel):
+    name: str
+    size: str
+    state: str
+    summary: str
+    created: list[ResourceRef] = Field(default_factory=list)
+
+
+class JobState(BaseModel):
+    name: str
+    status: str
+    step: int | None = None
+    total_steps: int | None = None
+    epoch: float | None = None
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    tokens_per_second: float | None = None
+    error: str | None = None
+    link: str | None = None  # studio URL (Azure) or the job's log file (local)
+    device: str | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.status in JOB_TERMINAL
+
+
+class RegisteredModel(BaseModel):
+    name: str
+    version: str
+    uri: str
+
+
+class EndpointState(BaseModel):
+    name: str
+    scoring_uri: str | None = None
+    provisioning_state: str
+    tags: dict[str, str] = Field(default_factory=dict)
+    traffic: dict[str, int] = Field(default_factory=dict)
+    last_used_at: str | None = None
+
+
+class DeploymentState(BaseModel):
+    endpoint: str
+    name: str
+    provisioning_state: str
+    model: str | None = None
+    error: str | None = None
+
+
+class EndpointKeys(BaseModel):
+    primary: SecretStr
+    secondary: SecretStr
+
+
+class MetricPoint(BaseModel):
+    step: int
+    value: float
+
+
+@runtime_checkable
+class MLBackend(Protocol):
+    name: str
+
+    # setup
+    def ensure_workspace(self, cfg: RunConfig) -> SetupResult: ...
+    def ensure_identity(self, cfg: RunConfig) -> SetupResult: ...
+    def ensure_role_assignments(self, cfg: RunConfig) -> SetupResult: ...
+    def check_quota(self, cfg: RunConfig) -> SetupResult: ...
+
+    # data
+    def token_counter(self, cfg: RunConfig) -> tuple[Callable[[str], int] | None, str | None]: ...
+    def upload_data(self, run_id: str, train_file: Path, validation_file: Path) -> DataAssets: ...
+
+    # fine-tune
+    def ensure_compute(self, cfg: RunConfig) -> ComputeInfo: ...
+    def submit_finetune(self, job_name: str, cfg: RunConfig, data: DataAssets, run_id: str) -> JobState: ...
+    def get_job(self, job_name: str) -> JobState: ...
+    def cancel_job(self, job_name: str) -> JobState: ...
+    def get_job_metrics(self, job_name: str) -> dict[str, list[MetricPoint]]: ...
+
+    # deploy
+    def register_model(self, job_name: str, model_name: str, tags: dict[str, str]) -> RegisteredModel: ...
+    def ensure_endpoint(self, name: str, tags: dict[str, str], cfg: RunConfig) -> EndpointState: ...
+    def ensure_deployment(
+        self,
+        endpoint: str,
+        deployment: str,
+        model: RegisteredModel,
+        cfg: RunConfig,
+    ) -> DeploymentState: ...
+    def get_deployment(self, endpoint: str, deployment: str) -> DeploymentState: ...
+    def set_traffic(self, endpoint: str, traffic: dict[str, int]) -> EndpointState: ...
+
+    # endpoints at the point of use (bot, connection, cleanup)
+    def get_endpoint(self, name: str) -> EndpointState: ...
+    def get_endpoint_keys(self, name: str) -> EndpointKeys: ...
+    def list_endpoints(self) -> list[EndpointState]: ...
+    def delete_endpoint(self, name: str) -> None: ...
+
+    # evaluation
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None: ...

