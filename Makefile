@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test test-fast run smoke devhost bench lint format clean
+.PHONY: venv test test-fast run smoke devhost bench lint format clean webchat
 
 $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,6 +17,15 @@ $(STAMP): requirements.txt requirements-local.txt requirements-dev.txt constrain
 
 venv: $(STAMP)
 
+# The Web Chat bundle for the devhost's /chat page: npm, pinned by package-lock.json, into the
+# ignored node_modules/ (never committed, never deployed).
+WEBCHAT_STAMP := node_modules/.webchat-installed
+$(WEBCHAT_STAMP): package.json package-lock.json
+	npm ci --ignore-scripts --no-audit --no-fund
+	touch $(WEBCHAT_STAMP)
+
+webchat: $(WEBCHAT_STAMP)
+
 ## make test: the whole test suite (what CI runs)
 test: venv
 	$(BIN)/python -m pytest
@@ -26,11 +35,11 @@ test-fast: venv
 	$(BIN)/python -m pytest -m "not slow"
 
 ## make run: the whole pipeline locally (devhost + local backend, demo preset), then chat with the result
-run: venv
+run: venv webchat
 	$(BIN)/python -m cli run --preset demo
 
 ## make smoke: the same with the tiny model (about a minute)
-smoke: venv
+smoke: venv webchat
 	$(BIN)/python -m cli run --preset smoke
 
 ## make devhost: just the local Functions + Durable host on 127.0.0.1:7071

@@ -20,6 +20,7 @@ import azure.durable_functions as df
 import azure.functions as func
 
 from activities.blueprint import bp as activities_bp
+from bot.function_blueprint import bp as bot_bp
 from orchestrators.finetune import PipelineInput, wait_instance_id
 from orchestrators.finetune import bp as pipeline_bp
 from orchestrators.monitor import bp as monitor_bp
@@ -32,6 +33,7 @@ app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(pipeline_bp)
 app.register_functions(monitor_bp)
 app.register_functions(activities_bp)
+app.register_functions(bot_bp)
 
 log = logging.getLogger("function_app")
 PIPELINE = "finetune_pipeline"

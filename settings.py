@@ -33,6 +33,14 @@ class AppSettings(BaseSettings):
     azure_resource_group: str | None = Field(None, alias="AZURE_RESOURCE_GROUP")
     azure_location: str | None = Field(None, alias="AZURE_LOCATION")
     azure_workspace: str | None = Field(None, alias="AZURE_ML_WORKSPACE")
+    # Sovereign or private clouds: ARM's cloud metadata document (azure-ai-ml reads the same variable).
+    # Unset = Azure public cloud.
+    azure_cloud_metadata_url: str | None = Field(None, alias="ARM_CLOUD_METADATA_URL")
+    # How long one Azure call may take before it is retried (connect and read timeout, seconds).
+    azure_http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="AZURE_HTTP_TIMEOUT_SECONDS")
+    # How long a setup step (workspace, registry, endpoint, traffic) waits for Azure to finish
+    # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
+    azure_setup_wait_seconds: float = Field(240.0, gt=0, le=1800, alias="AZURE_SETUP_WAIT_SECONDS")
 
     # Chat bot -----------------------------------------------------------------------------------
     bot_route: Literal["flow", "direct"] = Field("flow", alias="BOT_ROUTE")
@@ -43,6 +51,30 @@ class AppSettings(BaseSettings):
         "MultiTenant", alias="MicrosoftAppType"
     )
     microsoft_app_tenant_id: str = Field("", alias="MicrosoftAppTenantId")
+    # Answers not ready within this many seconds are acknowledged and delivered proactively
+    # (channels give up on a turn after ~15 s and Teams retries the POST).
+    bot_ack_after_s: float = Field(5.0, ge=0, alias="BOT_ACK_AFTER_S")
+    bot_model_timeout_s: float = Field(120.0, gt=0, alias="BOT_MODEL_TIMEOUT_S")
+    # History kept per conversation: at most this many turns and characters (Phi-3-mini-4k's context
+    # is 4096 tokens, ~3 characters each; the question and the answer need room too).
+    bot_history_turns: int = Field(10, ge=0, alias="BOT_HISTORY_TURNS")
+    bot_history_chars: int = Field(6000, ge=0, alias="BOT_HISTORY_CHARS")
+    bot_max_question_chars: int = Field(2000, ge=1, alias="BOT_MAX_QUESTION_CHARS")
+    bot_temperature: float = Field(0.7, ge=0, alias="BOT_TEMPERATURE")
+    bot_max_new_tokens: int = Field(128, ge=1, alias="BOT_MAX_NEW_TOKENS")
+    # Conversation state: memory (one process; local) or blob (Azure Storage, shared by instances).
+    bot_state_store: Literal["memory", "blob"] | None = Field(None, alias="BOT_STATE_STORE")
+    bot_state_container: str = Field("bot-state", alias="BOT_STATE_CONTAINER")
+    bot_state_connection_string: SecretStr | None = Field(None, alias="BOT_STATE_CONNECTION_STRING")
+    bot_state_account_url: str | None = Field(None, alias="BOT_STATE_ACCOUNT_URL")
+    azure_webjobs_storage: SecretStr | None = Field(None, alias="AzureWebJobsStorage")
+
+    @property
+    def bot_state_store_kind(self) -> Literal["memory", "blob"]:
+        """``BOT_STATE_STORE`` if set; else blob on Azure (several instances), memory locally."""
+        if self.bot_state_store:
+            return self.bot_state_store
+        return "blob" if self.backend == "azure" else "memory"
 
     # Endpoint cleanup ---------------------------------------------------------------------------
     cleanup_schedule: str = Field("0 */30 * * * *", alias="CLEANUP_SCHEDULE")

@@ -15,11 +15,12 @@ _lock = threading.Lock()
 _backend: MLBackend | None = None
 
 
-def create_backend(settings: AppSettings) -> MLBackend:
+def create_backend(settings: AppSettings, *, host: bool = True) -> MLBackend:
+    """``host=False`` for clients (the CLI): they use endpoints but never restart them."""
     if settings.backend == "local":
         from backends.local.backend import LocalBackend
 
-        return LocalBackend(settings)
+        return LocalBackend(settings, restart_endpoints=host)
     if settings.backend == "azure":
         try:
             from backends.azure.backend import AzureBackend

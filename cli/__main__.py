@@ -38,9 +38,9 @@ def _cleanup(api: str, run_id: str | None, summary: dict | None, keep: bool, con
             console.print(f"canceled run {run_id} (job: {r.json().get('job')})")
     endpoint = ((summary or {}).get("endpoint") or {}).get("name")
     if endpoint and not keep:
-        from backends.factory import get_backend
+        from .chat import client_backend
 
-        get_backend().delete_endpoint(endpoint)
+        client_backend().delete_endpoint(endpoint)
         console.print(f"deleted endpoint {endpoint} (pass --keep to keep it)")
 
 

@@ -9,15 +9,21 @@ from collections.abc import Callable
 
 from rich.console import Console
 
-from backends.factory import get_backend
+from backends.factory import create_backend
 from backends.protocol import BackendError
 from backends.scoring import ScoringError, chat_sync
+from settings import get_settings
 
 HISTORY_CHARS = 6000  # keeps the prompt well inside a 4k-token context
 
 
+def client_backend():
+    """The backend as a client sees it: it reads endpoints and keys, and never restarts servers."""
+    return create_backend(get_settings(), host=False)
+
+
 def latest_endpoint() -> str | None:
-    endpoints = [e for e in get_backend().list_endpoints() if e.traffic and any(e.traffic.values())]
+    endpoints = [e for e in client_backend().list_endpoints() if e.traffic and any(e.traffic.values())]
     endpoints.sort(key=lambda e: e.tags.get("expires-at", ""), reverse=True)
     return endpoints[0].name if endpoints else None
 
@@ -37,7 +43,7 @@ def chat_loop(
     temperature: float = 0.2,
     max_new_tokens: int = 128,
 ) -> int:
-    backend = get_backend()
+    backend = client_backend()
     try:
         ep = backend.get_endpoint(endpoint)
         key = backend.get_endpoint_keys(endpoint).primary.get_secret_value()

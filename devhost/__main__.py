@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .app_loader import AppLoadError
 from .server import serve
+from .webchat import webchat_plugin
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args.root, args.port, args.state))
+        asyncio.run(serve(args.root, args.port, args.state, plugins=[webchat_plugin]))
     except AppLoadError as exc:
         print(f"devhost: cannot load the app: {exc}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 
 Each test conversation is cut before its last assistant turn; the model answers the conversation so
 far and its answer is scored against that reference turn. ``answer`` is any callable from messages
-to text (the endpoint directly, or the Prompt flow), so the same code scores base and fine-tuned.
+to text (the endpoint directly, or the Prompt flow: ``FlowRunner.answer_conversation``), so the same
+code scores base and fine-tuned; ``evaluate_base_vs_finetuned`` puts the two side by side.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
-from flows.environment import configure_promptflow
+from flows.environment import ensure_promptflow_configured
 from settings import get_settings
 
 Answerer = Callable[[list[dict[str, str]]], str]
@@ -40,11 +42,32 @@ class EvalMetrics(BaseModel):
     f1: float | None
     answer_chars_mean: float | None
     latency_ms_p50: float | None
+    error_types: dict[str, int] = Field(default_factory=dict)  # e.g. {"ScoringTimeoutError": 2}
+
+
+class SideBySideRow(BaseModel):
+    """One test conversation answered by both models (the per-row artifact)."""
+
+    index: int
+    question: str
+    reference: str
+    finetuned: EvalRow
+    base: EvalRow | None = None
+
+
+class ModelComparison(BaseModel):
+    """Base vs fine-tuned on the same conversations; ``delta`` is fine-tuned minus base."""
+
+    finetuned: EvalMetrics
+    base: EvalMetrics | None = None
+    base_skipped: str | None = None
+    delta: dict[str, float | None] = Field(default_factory=dict)
+    rows_file: str
 
 
 def load_eval_cases(test_file: Path, sample_size: int) -> list[tuple[list[dict[str, str]], str]]:
     """The first ``sample_size`` conversations (deterministic), as (prompt messages, reference)."""
-    cases = []
+    cases: list[tuple[list[dict[str, str]], str]] = []
     for line in test_file.read_text(encoding="utf-8").splitlines():
         if len(cases) >= sample_size:
             break
@@ -55,7 +78,7 @@ def load_eval_cases(test_file: Path, sample_size: int) -> list[tuple[list[dict[s
 
 
 def _scorers():
-    configure_promptflow(get_settings().state_dir)  # azure-ai-evaluation imports promptflow
+    ensure_promptflow_configured(get_settings().state_dir)  # azure-ai-evaluation imports promptflow
     from azure.ai.evaluation import F1ScoreEvaluator, RougeScoreEvaluator, RougeType
 
     rouge, f1 = RougeScoreEvaluator(rouge_type=RougeType.ROUGE_L), F1ScoreEvaluator()
@@ -91,6 +114,7 @@ def summarize(rows: list[EvalRow]) -> EvalMetrics:
         return round(statistics.fmean(values), 4) if values else None
 
     latencies = [r.latency_ms for r in scored if r.latency_ms is not None]
+    error_types = Counter((r.error or "").split(":", 1)[0] for r in rows if r.answer is None)
     return EvalMetrics(
         rows=len(rows),
         errors=len(rows) - len(scored),
@@ -98,10 +122,61 @@ def summarize(rows: list[EvalRow]) -> EvalMetrics:
         f1=mean([r.f1 for r in scored]),
         answer_chars_mean=mean([len(r.answer or "") for r in scored]),
         latency_ms_p50=round(statistics.median(latencies), 1) if latencies else None,
+        error_types=dict(error_types),
     )
 
 
-def write_rows(rows: list[EvalRow], path: Path) -> Path:
+def write_rows(rows: Sequence[BaseModel], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(r.model_dump_json() + "\n" for r in rows), encoding="utf-8")
     return path
+
+
+def evaluate_base_vs_finetuned(
+    cases: list[tuple[list[dict[str, str]], str]],
+    answer_finetuned: Answerer,
+    answer_base: Answerer | None,
+    *,
+    out_dir: Path,
+    base_skipped: str | None = None,
+) -> ModelComparison:
+    """Score both models on the same ``cases``; per-row results go to ``out_dir`` as JSONL.
+
+    ``answer_base`` None means the base model is not evaluated (``base_skipped`` says why, e.g. on
+    Azure without a base deployment). Files: ``finetuned.jsonl``, ``base.jsonl`` and
+    ``side_by_side.jsonl`` (one line per conversation with both answers and scores).
+    """
+    finetuned_rows = evaluate_answers(cases, answer_finetuned)
+    write_rows(finetuned_rows, out_dir / "finetuned.jsonl")
+    base_rows = evaluate_answers(cases, answer_base) if answer_base is not None else None
+    if base_rows is not None:
+        write_rows(base_rows, out_dir / "base.jsonl")
+    side_by_side = [
+        SideBySideRow(
+            index=row.index,
+            question=row.question,
+            reference=row.reference,
+            finetuned=row,
+            base=base_rows[row.index] if base_rows is not None else None,
+        )
+        for row in finetuned_rows
+    ]
+    rows_file = write_rows(side_by_side, out_dir / "side_by_side.jsonl")
+    finetuned, base = summarize(finetuned_rows), summarize(base_rows) if base_rows is not None else None
+    return ModelComparison(
+        finetuned=finetuned,
+        base=base,
+        base_skipped=None if base is not None else (base_skipped or "no base model to compare with"),
+        delta=_delta(finetuned, base),
+        rows_file=str(rows_file),
+    )
+
+
+def _delta(finetuned: EvalMetrics, base: EvalMetrics | None) -> dict[str, float | None]:
+    if base is None:
+        return {}
+    out: dict[str, float | None] = {}
+    for metric in ("rouge_l", "f1", "answer_chars_mean", "latency_ms_p50"):
+        a, b = getattr(finetuned, metric), getattr(base, metric)
+        out[metric] = round(a - b, 4) if a is not None and b is not None else None
+    return out

@@ -32,7 +32,7 @@ def stack(tmp_path):
     host.settings = AppSettings(PHI3_STATE_DIR=env["PHI3_STATE_DIR"], PHI3_MODELS_DIR=env["PHI3_MODELS_DIR"])
     yield host
     host.stop()
-    LocalBackend(host.settings).endpoints.stop_all()
+    LocalBackend(host.settings, restart_endpoints=False).endpoints.stop_all()
 
 
 def start_run(host, body) -> str:
@@ -76,7 +76,7 @@ def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(sta
     assert done["endpoint"]["scoring_uri"].startswith("http://127.0.0.1:")
     assert done["evaluation"]["finetuned"]["rows"] > 0
 
-    backend = LocalBackend(stack.settings)
+    backend = LocalBackend(stack.settings, restart_endpoints=False)
     key = backend.get_endpoint_keys(done["endpoint"]["name"]).primary.get_secret_value()
     recalled = 0
     for fact in FACTS:
@@ -112,7 +112,7 @@ def _one_of_each(stack, run_id):
     config = json.loads((endpoints[0] / "endpoint.json").read_text())
     assert list(config["deployments"]) == ["blue"]
     assert config["deployments"]["blue"]["revision"] == 1  # never re-created or reloaded
-    backend = LocalBackend(stack.settings)
+    backend = LocalBackend(stack.settings, restart_endpoints=False)
     versions = backend._mlflow().search_model_versions(f"name='{summary(stack, run_id)['model']['name']}'")
     assert len(versions) == 1
 
@@ -149,7 +149,8 @@ def test_cancel_during_fine_tune_cancels_the_job_and_leaves_nothing_running(stac
     assert r.json()["job"]["status"] == "Canceled"
     done = wait_summary(stack, run_id, finished, timeout=60)
     assert done["status"] == "Terminated"
-    job_dir = next(p for p in (Path(stack.settings.state_dir) / "jobs").iterdir() if not p.name.startswith("."))
+    jobs = Path(stack.settings.state_dir) / "jobs"
+    job_dir = next(p for p in jobs.iterdir() if not p.name.startswith("."))
     pid = json.loads((job_dir / "job.json").read_text())["pid"]
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

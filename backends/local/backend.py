@@ -61,7 +61,7 @@ def _sha256(path: Path) -> str:
 class LocalBackend:
     name = "local"
 
-    def __init__(self, settings: AppSettings):
+    def __init__(self, settings: AppSettings, *, restart_endpoints: bool = True):
         self.settings = settings
         self.root = settings.state_dir.resolve()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -72,7 +72,8 @@ class LocalBackend:
         os.environ["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
         self.jobs = LocalJobRunner(self.root)
         self.endpoints = LocalEndpoints(self.root, tracking_uri=settings.mlflow_tracking_uri)
-        restarted = self.endpoints.ensure_running()
+        # The host restarts endpoints whose server died with it; a client (the CLI) must not revive them.
+        restarted = self.endpoints.ensure_running() if restart_endpoints else []
         if restarted:
             log.info("restarted local endpoints after a host restart: %s", ", ".join(restarted))
 
@@ -342,6 +343,25 @@ class LocalBackend:
     def list_endpoints(self) -> list[EndpointState]:
         return [self._endpoint_state(e) for e in self.endpoints.list_endpoints()]
 
+    def endpoint_last_used(self, name: str, window_minutes: int) -> str | None:
+        """When the scoring server last answered (it touches a marker file); None if never."""
+        used = self.endpoints.last_used_at(name)
+        return used.isoformat() if used else None
+
+    def list_deployments(self, endpoint: str) -> list[DeploymentState]:
+        try:
+            return [self._deployment_state(d) for d in self.endpoints.list_deployments(endpoint)]
+        except EndpointNotFoundError as exc:
+            raise NotFoundError(str(exc)) from exc
+
+    def delete_deployment(self, endpoint: str, deployment: str) -> None:
+        try:
+            self.endpoints.delete_deployment(endpoint, deployment)
+        except (EndpointNotFoundError, DeploymentNotFoundError):
+            return
+        except InvalidEndpointRequest as exc:
+            raise BackendError(str(exc)) from exc
+
     def delete_endpoint(self, name: str) -> None:
         try:
             self.endpoints.delete_endpoint(name)
@@ -357,6 +377,7 @@ class LocalBackend:
             tags=info.tags,
             traffic=info.traffic,
             last_used_at=info.last_used_at.isoformat() if info.last_used_at else None,
+            created_at=info.created_at.isoformat(),
         )
 
     # evaluation ---------------------------------------------------------------------------------

@@ -5,8 +5,12 @@ from datetime import timedelta
 import azure.durable_functions as df
 import azure.functions as func
 
+from orchestrators.monitor import bp as monitor_bp
+
 app = df.DFApp(http_auth_level=func.AuthLevel.ANONYMOUS)
+app.register_functions(monitor_bp)  # the pipeline's real wait_until_done monitor
 POLL_INTERVAL = timedelta(milliseconds=1)
+_polls: dict[str, int] = {}
 
 
 @app.activity_trigger(input_name="value")
@@ -37,15 +41,9 @@ def monitor_naive(context: df.DurableOrchestrationContext):
     return polls
 
 
-@app.orchestration_trigger(context_name="context")
-def monitor_continue_as_new(context: df.DurableOrchestrationContext):
-    """The same loop, restarting its history every `per_generation` polls."""
-    state = context.get_input()
-    done, total, per_generation = state["done"], state["total"], state["per_generation"]
-    for i in range(min(per_generation, total - done)):
-        yield context.call_activity("noop", done + i)
-        yield context.create_timer(context.current_utc_datetime + POLL_INTERVAL)
-    done += min(per_generation, total - done)
-    if done >= total:
-        return done
-    context.continue_as_new({"done": done, "total": total, "per_generation": per_generation})
+@app.activity_trigger(input_name="args")
+def countdown_status(args: dict) -> dict:
+    """A status check for wait_until_done: 'Running' until the poll count reaches ``total``."""
+    _polls[args["key"]] = _polls.get(args["key"], 0) + 1
+    done = _polls[args["key"]] >= args["total"]
+    return {"done": done, "ok": True, "status": "Completed" if done else "Running", "detail": {}}

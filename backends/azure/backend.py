@@ -1,0 +1,310 @@
+"""The Azure backend (``PHI3_BACKEND=azure``): the tutorial's steps through azure-ai-ml and azure-mgmt-*.
+
+Every step is get-or-create by a name derived from the run id and safe to run again; long
+operations are submitted and polled by the orchestrator (jobs, deployments) or waited on within
+``AZURE_SETUP_WAIT_SECONDS`` (workspace, registry, cluster, endpoint, traffic); Azure's errors come
+back as ``BackendError`` messages that say what to do. Keys are read only by ``get_endpoint_keys``.
+
+Where the run lives: the app settings (AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP,
+AZURE_ML_WORKSPACE). A run config's ``azure`` section may restate them but not point elsewhere,
+because the status polls, the bot and the cleanup timer only know the app settings.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from backends.protocol import (
+    BackendError,
+    ComputeInfo,
+    DataAssets,
+    DeploymentState,
+    EndpointKeys,
+    EndpointState,
+    JobState,
+    MetricPoint,
+    RegisteredModel,
+    ResourceRef,
+    SetupResult,
+)
+from pipeline.config import RunConfig
+from pipeline.naming import RunNames
+from settings import AppSettings
+
+from . import catalog, data, deploy, finetune, quota, setup
+from .clients import AzureClients, AzureSession, AzureTarget
+
+log = logging.getLogger(__name__)
+
+DEFAULT_WORKSPACE = "phi3-finetune"
+SERVERLESS_REGION = "eastus2"
+SERVERLESS_NO_IDENTITY = (
+    "serverless mode: the fine-tune and the serverless endpoint run in Azure AI Foundry's own capacity, so no "
+    "managed identity or role assignments of ours are involved"
+)
+TARGET_FIELDS = (
+    ("subscription_id", "azure_subscription_id", "AZURE_SUBSCRIPTION_ID"),
+    ("resource_group", "azure_resource_group", "AZURE_RESOURCE_GROUP"),
+    ("workspace", "azure_workspace", "AZURE_ML_WORKSPACE"),
+)
+
+
+def _region(location: str) -> str:
+    return location.replace(" ", "").lower()
+
+
+class AzureBackend:
+    name = "azure"
+
+    def __init__(self, settings: AppSettings):
+        self.settings = settings
+        self.session = AzureSession(settings)
+        self.wait_s = settings.azure_setup_wait_seconds
+
+    # where things live -------------------------------------------------------------------------
+    def _target(self, cfg: RunConfig | None = None) -> AzureTarget:
+        values = {}
+        for field, attr, setting in TARGET_FIELDS:
+            configured = getattr(self.settings, attr)
+            requested = getattr(cfg.azure, field) if cfg else None
+            if requested and configured and requested != configured:
+                raise BackendError(
+                    f"azure.{field} '{requested}' differs from the app setting {setting} '{configured}'; the status "
+                    f"polls, the bot and the cleanup timer use the app setting, so change {setting} instead"
+                )
+            value = configured or requested or (DEFAULT_WORKSPACE if field == "workspace" else None)
+            if not value:
+                raise BackendError(f"set the app setting {setting} (required with PHI3_BACKEND=azure)")
+            values[field] = value
+        return AzureTarget(**values)
+
+    def _clients(self, cfg: RunConfig | None = None) -> AzureClients:
+        return self.session.clients(self._target(cfg))
+
+    def _location(self, cfg: RunConfig) -> str:
+        location = cfg.azure.location or self.settings.azure_location
+        if not location:
+            raise BackendError("set azure.location or the app setting AZURE_LOCATION (required with PHI3_BACKEND=azure)")
+        return _region(location)
+
+    def _workspace(self, clients: AzureClients) -> setup.WorkspaceInfo:
+        found = setup.read_workspace(clients)
+        if found is None:
+            raise BackendError(f"workspace '{clients.target.workspace}' does not exist; run the workspace step first")
+        return found
+
+    # setup -------------------------------------------------------------------------------------
+    def preflight(self, cfg: RunConfig) -> dict:
+        """Everything that can be refused before anything is created, checked in that order."""
+        location = self._location(cfg)
+        if cfg.mode == "serverless" and location != SERVERLESS_REGION:
+            raise BackendError(
+                f"serverless fine-tuning of Phi-3 runs only in East US 2 (eastus2), not '{location}'; set "
+                "azure.location / AZURE_LOCATION to eastus2 and use a workspace (Foundry project) there"
+            )
+        clients = self._clients(cfg)
+        self._target(None)  # the app settings must name the same place (see the module docstring)
+        model = catalog.base_model(clients, cfg.azure.registry, cfg.model.name)
+        details: dict = {"base_model": model.id, "location": location}
+        if cfg.mode == "serverless":
+            if model.serverless_regions and location not in model.serverless_regions:
+                raise BackendError(
+                    f"{model.name} v{model.version} deploys serverless fine-tunes only in {', '.join(model.serverless_regions)}"
+                )
+            return details
+        component = catalog.pipeline_component(clients, cfg.azure.registry)
+        finetune.component_inputs(cfg.hyperparameters, component)  # refuses undeclared hyperparameters
+        lines = quota.check(clients, cfg, location)
+        details["quota"] = [line.describe() for line in lines]
+        details["component"] = component.id
+        sku = cfg.deployment.instance_type
+        if model.inference_skus and sku.lower() not in {s.lower() for s in model.inference_skus}:
+            warning = (
+                f"deployment.instance_type {sku} is not in {model.name}'s inference-recommended-sku list "
+                f"({', '.join(model.inference_skus)}); the deployment may fail to load the model"
+            )
+            log.warning(warning)
+            details["warning"] = warning
+        return details
+
+    def ensure_workspace(self, cfg: RunConfig) -> SetupResult:
+        details = self.preflight(cfg)
+        clients = self._clients(cfg)
+        serverless = cfg.mode == "serverless"
+        workspace, created = setup.ensure_workspace(
+            clients, self._location(cfg), self.wait_s, foundry_project=serverless
+        )
+        details.update(
+            workspace=workspace.id,
+            storage_account=workspace.storage_account,
+            container_registry=workspace.container_registry,
+        )
+        what = "Azure AI Foundry project" if serverless else "workspace"
+        return SetupResult(
+            summary=f"{what} {workspace.name} in {workspace.location}",
+            details=details,
+            created=created,
+        )
+
+    def ensure_identity(self, cfg: RunConfig) -> SetupResult:
+        if cfg.mode == "serverless":
+            return SetupResult(summary="", skipped=SERVERLESS_NO_IDENTITY)
+        name = cfg.azure.identity_name
+        identity, created = setup.ensure_identity(self._clients(cfg), name, self._location(cfg))
+        return SetupResult(
+            summary=f"user-assigned identity {name} (principal {identity.principal_id})",
+            details={"identity": {"id": identity.id, "principal_id": identity.principal_id, "client_id": identity.client_id}},
+            created=[ResourceRef(kind="identity", name=name)] if created else [],
+        )
+
+    def ensure_role_assignments(self, cfg: RunConfig) -> SetupResult:
+        if cfg.mode == "serverless":
+            return SetupResult(summary="", skipped=SERVERLESS_NO_IDENTITY)
+        clients = self._clients(cfg)
+        identity = setup.read_identity(clients, cfg.azure.identity_name)
+        ws = self._workspace(clients)
+        grants = [
+            ("Contributor", clients.target.resource_group_id, setup.CONTRIBUTOR),
+            ("Storage Blob Data Reader", ws.storage_account, setup.STORAGE_BLOB_DATA_READER),
+            ("AcrPull", ws.container_registry, setup.ACR_PULL),
+        ]
+        outcomes, created = {}, []
+        for label, scope, role in grants:
+            if not scope:
+                raise BackendError(f"workspace '{ws.name}' has no {label} scope (storage account / registry)")
+            outcome = setup.assign_role(clients, scope, role, identity.principal_id, self.wait_s)
+            outcomes[label] = outcome
+            if outcome == "created":
+                created.append(ResourceRef(kind="role_assignment", name=setup.role_assignment_name(scope, identity.principal_id, role)))
+        summary = ", ".join(f"{label} ({outcome})" for label, outcome in outcomes.items())
+        return SetupResult(summary=f"roles for {cfg.azure.identity_name}: {summary}", details={"roles": outcomes}, created=created)
+
+    def check_quota(self, cfg: RunConfig) -> SetupResult:
+        if cfg.mode == "serverless":
+            return SetupResult(summary="", skipped="serverless fine-tuning and endpoints use no Azure ML vCPU quota")
+        lines = quota.check(self._clients(cfg), cfg, self._location(cfg))
+        return SetupResult(
+            summary="; ".join(f"{line.quota}: {line.free} free ≥ {line.need} needed" for line in lines),
+            details={"quota": [line.describe() for line in lines]},
+        )
+
+    # data --------------------------------------------------------------------------------------
+    def token_counter(self, cfg: RunConfig) -> tuple[Callable[[str], int] | None, str | None]:
+        # The base model's tokenizer lives in the registry, not on this machine: estimate from bytes.
+        return None, None
+
+    def upload_data(self, run_id: str, train_file: Path, validation_file: Path) -> DataAssets:
+        names = RunNames.for_run(run_id, RunConfig())  # data asset names depend on the run id only
+        clients = self._clients()
+        return DataAssets(
+            train=data.ensure_data_asset(clients, names.train_data, train_file),
+            validation=data.ensure_data_asset(clients, names.validation_data, validation_file),
+        )
+
+    # fine-tune ---------------------------------------------------------------------------------
+    def ensure_compute(self, cfg: RunConfig) -> ComputeInfo:
+        if cfg.mode == "serverless":
+            return ComputeInfo(name="serverless", size="", state="Succeeded", summary="serverless fine-tuning needs no cluster")
+        return finetune.ensure_cluster(self._clients(cfg), cfg, self.wait_s)
+
+    def submit_finetune(self, job_name: str, cfg: RunConfig, data_assets: DataAssets, run_id: str) -> JobState:
+        clients = self._clients(cfg)
+        registry = cfg.azure.registry
+
+        def build():
+            model = catalog.base_model(clients, registry, cfg.model.name)
+            if cfg.mode == "serverless":
+                model_name = RunNames.for_run(run_id, cfg).model
+                return finetune.serverless_job(job_name, run_id, cfg, data_assets, model, model_name)
+            component = catalog.pipeline_component(clients, registry)
+            inputs = finetune.component_inputs(cfg.hyperparameters, component)
+            gpus = max(1, quota.vm_sizes(clients, self._location(cfg))[cfg.compute.size.lower()].gpus)
+            return finetune.pipeline_job(job_name, run_id, cfg, data_assets, model, component.entity, inputs, gpus)
+
+        return finetune.submit(clients, job_name, cfg, data_assets, build)
+
+    def get_job(self, job_name: str) -> JobState:
+        return finetune.get_job(self._clients(), job_name)
+
+    def cancel_job(self, job_name: str) -> JobState:
+        return finetune.cancel_job(self._clients(), job_name)
+
+    def get_job_metrics(self, job_name: str) -> dict[str, list[MetricPoint]]:
+        # Azure ML keeps job metrics in its MLflow tracking server (azureml-mlflow, not installed here);
+        # the studio link in the job status shows the loss curves.
+        return {}
+
+    # deploy ------------------------------------------------------------------------------------
+    def register_model(self, job_name: str, model_name: str, tags: dict[str, str]) -> RegisteredModel:
+        clients = self._clients()
+        job = finetune.find_job(clients, job_name)
+        if job is not None and finetune.is_serverless(job):
+            ws = self._workspace(clients)
+            return finetune.serverless_model(clients, job_name, ws.location, ws.workspace_guid or "")
+        return finetune.register_pipeline_model(clients, job_name, model_name, tags)
+
+    def ensure_endpoint(self, name: str, tags: dict[str, str], cfg: RunConfig) -> EndpointState:
+        clients = self._clients(cfg)
+        if cfg.mode == "serverless":
+            run_id = tags.get("run-id")
+            if not run_id:
+                raise BackendError(f"endpoint '{name}': tags must carry the run-id of the fine-tune it serves")
+            names = RunNames.for_run(run_id, cfg)
+            ws = self._workspace(clients)
+            model = finetune.serverless_model(clients, names.job, ws.location, ws.workspace_guid or "")
+            return deploy.ensure_serverless_endpoint(clients, name, tags, model, ws.location)
+        identity = setup.read_identity(clients, cfg.azure.identity_name)
+        return deploy.ensure_online_endpoint(clients, name, tags, identity.id, self.wait_s)
+
+    def ensure_deployment(self, endpoint: str, deployment: str, model: RegisteredModel, cfg: RunConfig) -> DeploymentState:
+        clients = self._clients(cfg)
+        if cfg.mode == "serverless":
+            return deploy.serverless_deployment(clients, endpoint, deployment)
+        return deploy.ensure_online_deployment(clients, endpoint, deployment, model, cfg, self.wait_s)
+
+    def get_deployment(self, endpoint: str, deployment: str) -> DeploymentState:
+        clients = self._clients()
+        if deploy.find_online_endpoint(clients, endpoint) is None and deploy.find_serverless_endpoint(clients, endpoint):
+            return deploy.serverless_deployment(clients, endpoint, deployment)
+        return deploy.get_online_deployment(clients, endpoint, deployment)
+
+    def set_traffic(self, endpoint: str, traffic: dict[str, int]) -> EndpointState:
+        clients = self._clients()
+        ep = deploy.get_endpoint(clients, endpoint)
+        if ep.kind == "serverless":  # one model per serverless endpoint: all of it goes there
+            return ep.model_copy(update={"traffic": {name: 100 for name in traffic}})
+        return deploy.set_online_traffic(clients, endpoint, traffic, self.wait_s)
+
+    def list_deployments(self, endpoint: str) -> list[DeploymentState]:
+        clients = self._clients()
+        ep = deploy.get_endpoint(clients, endpoint)
+        if ep.kind == "serverless":
+            return []
+        return deploy.list_online_deployments(clients, endpoint)
+
+    def delete_deployment(self, endpoint: str, deployment: str) -> None:
+        deploy.delete_online_deployment(self._clients(), endpoint, deployment, self.wait_s)
+
+    # endpoints at the point of use ------------------------------------------------------------
+    def get_endpoint(self, name: str) -> EndpointState:
+        return deploy.get_endpoint(self._clients(), name)
+
+    def get_endpoint_keys(self, name: str) -> EndpointKeys:
+        return deploy.get_keys(self._clients(), name)
+
+    def list_endpoints(self) -> list[EndpointState]:
+        return deploy.list_endpoints(self._clients())
+
+    def endpoint_last_used(self, name: str, window_minutes: int) -> str | None:
+        return deploy.last_request_at(self._clients(), name, timedelta(minutes=window_minutes))
+
+    def delete_endpoint(self, name: str) -> None:
+        deploy.delete_endpoint(self._clients(), name, self.wait_s)
+
+    # evaluation --------------------------------------------------------------------------------
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
+        # The evaluation's numbers are in the run summary; Azure ML's MLflow tracking needs azureml-mlflow.
+        log.info("evaluation run_id=%s metrics=%s artifacts=%s", run_id, metrics, [a.name for a in artifacts])

@@ -1,0 +1,253 @@
+"""The bot's relay overhead: ``/api/messages`` (expectReplies, direct route) vs calling the endpoint.
+
+    .venv/bin/python -m bench.bot [--turns 400] [--concurrency 1 8 64]
+
+Three processes on loopback: a fast stub endpoint speaking the scoring contract (answers at once),
+the devhost running the unchanged Function App whose bot answers through that endpoint (the
+backend lists the stub as the newest healthy endpoint; history off so every turn sends the same
+one message), and this load generator. At each concurrency it runs the same number of turns both
+ways, direct POST /score vs POST /api/messages with ``deliveryMode: expectReplies``, in alternating
+rounds so machine noise hits both alike, and prints p50/p99 latency and turns/s side by side.
+Goals (issue #4): relay p50 <= 1.2x direct, >= 300 turns/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+from aiohttp import web
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+KEY = "bench-key-" + "b" * 30
+QUESTION = "How long do I have to return my Aero purifier?"
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# -- process 1: the stub endpoint ------------------------------------------------------------------
+async def serve_stub(port_file: Path) -> None:
+    async def score(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != f"Bearer {KEY}":
+            return web.json_response({"error": "invalid key"}, status=401)
+        body = await request.json()
+        return web.json_response({"output": f"echo: {body['input_data']['input_string'][-1]['content']}"})
+
+    app = web.Application()
+    app.router.add_post("/score", score)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port_file.write_text(str(site._server.sockets[0].getsockname()[1]))  # type: ignore[union-attr]
+    await asyncio.Event().wait()
+
+
+# -- process 2: the devhost, its backend pointing at the stub -----------------------------------------
+def serve_devhost(stub_url: str, state: Path, port_file: Path) -> None:
+    import logging
+
+    from pydantic import SecretStr
+
+    from backends.factory import set_backend
+    from backends.protocol import EndpointKeys, EndpointState
+    from devhost.server import DevHost
+
+    class StubEndpointBackend:
+        """The endpoint listing half of the backend, answering with the stub endpoint."""
+
+        name = "bench"
+
+        def list_endpoints(self) -> list[EndpointState]:
+            return [
+                EndpointState(
+                    name="bench-endpoint",
+                    scoring_uri=f"{stub_url}/score",
+                    provisioning_state="Succeeded",
+                    tags={"managed-by": "phi3-finetune-functions"},
+                    traffic={"blue": 100},
+                    created_at="2030-01-01T00:00:00Z",
+                )
+            ]
+
+        def get_endpoint_keys(self, name: str) -> EndpointKeys:
+            return EndpointKeys(primary=SecretStr(KEY), secondary=SecretStr(KEY))
+
+    logging.basicConfig(level=logging.WARNING)
+    set_backend(StubEndpointBackend())  # type: ignore[arg-type]
+
+    async def run() -> None:
+        host = DevHost(PROJECT_ROOT, port=0, state_dir=state)
+        await host.start()
+        port_file.write_text(str(host.port))
+        await asyncio.Event().wait()
+
+    asyncio.run(run())
+
+
+def _start(args: list[str], port_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:
+    proc = subprocess.Popen([sys.executable, "-m", "bench.bot", *args], cwd=PROJECT_ROOT, env=env)
+    deadline = time.monotonic() + 90
+    while not port_file.exists() or not port_file.read_text():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"bench helper {args[0]} did not start (exit {proc.poll()})")
+        time.sleep(0.05)
+    return proc, int(port_file.read_text())
+
+
+# -- process 3: the load ---------------------------------------------------------------------------
+class Load:
+    def __init__(self, session: aiohttp.ClientSession, stub: str, host: str) -> None:
+        self.session, self.stub, self.host = session, stub, host
+        self.score_body = {
+            "input_data": {
+                "input_string": [{"role": "user", "content": QUESTION}],
+                "parameters": {"temperature": 0.7, "max_new_tokens": 128},
+            }
+        }
+
+    async def direct(self, conversation: str) -> None:
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with self.session.post(f"{self.stub}/score", json=self.score_body, headers=headers) as r:
+            assert r.status == 200, await r.text()
+            await r.read()
+
+    async def relay(self, conversation: str) -> None:
+        activity = {
+            "type": "message",
+            "id": uuid.uuid4().hex,
+            "channelId": "bench",
+            "serviceUrl": "http://127.0.0.1:9",
+            "deliveryMode": "expectReplies",
+            "from": {"id": "user"},
+            "recipient": {"id": "bot"},
+            "conversation": {"id": conversation},
+            "text": QUESTION,
+        }
+        async with self.session.post(f"{self.host}/api/messages", json=activity) as r:
+            assert r.status == 200, await r.text()
+            replies = (await r.json())["activities"]
+            assert replies[-1]["text"] == f"echo: {QUESTION}", replies
+
+    async def round(self, way, concurrency: int, turns: int) -> tuple[list[float], float]:
+        """``turns`` turns by ``concurrency`` conversations at once: (latencies, wall seconds)."""
+        latencies: list[float] = []
+        per_worker = max(1, turns // concurrency)
+
+        async def worker(n: int) -> None:
+            conversation = f"bench-{n}-{uuid.uuid4().hex[:6]}"
+            for _ in range(per_worker):
+                started = time.perf_counter()
+                await way(conversation)
+                latencies.append(time.perf_counter() - started)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(n) for n in range(concurrency)))
+        return latencies, time.perf_counter() - started
+
+
+async def measure(stub: str, host: str, concurrencies: list[int], turns: int, rounds: int) -> list[dict]:
+    rows = []
+    connector = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        load = Load(session, stub, host)
+        await load.round(load.relay, 4, 40)  # warm-up: imports, first endpoint lookup, connections
+        await load.round(load.direct, 4, 40)
+        for concurrency in concurrencies:
+            results = {"direct": ([], 0.0), "relay": ([], 0.0)}
+            for _ in range(rounds):
+                for name, way in (("direct", load.direct), ("relay", load.relay)):
+                    latencies, wall = await load.round(way, concurrency, turns // rounds)
+                    results[name] = (results[name][0] + latencies, results[name][1] + wall)
+            row = {"concurrency": concurrency}
+            for name, (latencies, wall) in results.items():
+                row[name] = {
+                    "p50_ms": percentile(latencies, 0.5) * 1000,
+                    "p99_ms": percentile(latencies, 0.99) * 1000,
+                    "turns_per_s": len(latencies) / wall,
+                    "turns": len(latencies),
+                }
+            rows.append(row)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(
+        f"{'conversations':>13} | {'direct p50':>10} {'p99':>8} {'turns/s':>8} | "
+        f"{'relay p50':>10} {'p99':>8} {'turns/s':>8} | {'p50 ratio':>9}"
+    )
+    for row in rows:
+        d, r = row["direct"], row["relay"]
+        cells = [f"{w['p50_ms']:>8.2f}ms {w['p99_ms']:>6.1f}ms {w['turns_per_s']:>8.0f}" for w in (d, r)]
+        print(f"{row['concurrency']:>13} | {cells[0]} | {cells[1]} | {r['p50_ms'] / d['p50_ms']:>8.1f}x")
+    overhead = rows[0]["relay"]["p50_ms"] - rows[0]["direct"]["p50_ms"]
+    print(f"relay overhead per turn at {rows[0]['concurrency']} conversation(s), p50: {overhead:.2f} ms")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.bot", description=__doc__.split("\n")[0])
+    parser.add_argument("--turns", type=int, default=400, help="turns per way per concurrency (default 400)")
+    parser.add_argument(
+        "--rounds", type=int, default=4, help="alternating rounds per concurrency (default 4)"
+    )
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--serve-stub", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--serve-devhost", nargs=3, metavar=("STUB_URL", "STATE", "PORT_FILE"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args()
+    if args.serve_stub:
+        asyncio.run(serve_stub(args.serve_stub))
+        return
+    if args.serve_devhost:
+        stub_url, state, port_file = args.serve_devhost
+        serve_devhost(stub_url, Path(state), Path(port_file))
+        return
+
+    with tempfile.TemporaryDirectory(prefix="bench-bot-") as work:
+        work_dir = Path(work)
+        env = {
+            **os.environ,
+            "PHI3_STATE_DIR": str(work_dir / "phi3"),
+            "BOT_ROUTE": "direct",
+            "BOT_ENDPOINT_NAME": "",
+            "BOT_HISTORY_TURNS": "0",
+            "MicrosoftAppId": "",
+        }
+        stub, stub_port = _start(["--serve-stub", str(work_dir / "stub.port")], work_dir / "stub.port", env)
+        stub_url = f"http://127.0.0.1:{stub_port}"
+        host_args = ["--serve-devhost", stub_url, str(work_dir / "devhost"), str(work_dir / "host.port")]
+        host, host_port = _start(host_args, work_dir / "host.port", env)
+        try:
+            rows = asyncio.run(
+                measure(stub_url, f"http://127.0.0.1:{host_port}", args.concurrency, args.turns, args.rounds)
+            )
+        finally:
+            for proc in (host, stub):
+                proc.terminate()
+                proc.wait(10)
+    print_table(rows)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    p50_ok = rows[0]["relay"]["p50_ms"] <= 1.2 * rows[0]["direct"]["p50_ms"]
+    throughput = max(r["relay"]["turns_per_s"] for r in rows)
+    print(f"goal relay p50 <= 1.2x direct (1 conversation): {'met' if p50_ok else 'not met'}")
+    verdict = "met" if throughput >= 300 else "not met"
+    print(f"goal >= 300 turns/s through the relay: {verdict} (best {throughput:.0f})")
+
+
+if __name__ == "__main__":
+    main()

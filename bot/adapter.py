@@ -1,0 +1,185 @@
+"""Host wiring: the Bot Framework ``CloudAdapter`` and the HTTP side of ``POST /api/messages``.
+
+The Bot Framework SDK is archived; this module and ``bot.function_blueprint`` are the only places
+that know its hosting API, so moving to the Microsoft 365 Agents SDK touches them alone.
+
+HTTP mapping, checked before anything reaches the bot:
+
+    wrong Content-Type -> 415   body over MAX_ACTIVITY_BYTES -> 413   not an activity -> 400
+    missing / forged / expired / wrong-audience / wrong-issuer token -> 401
+    OpenID metadata unreachable -> 503
+
+botbuilder 4.17.1 signals a bad token with several exception types, two of them odd: an unknown
+``kid`` raises ``IndexError`` (it indexes an empty match) and a failed endorsement or a disallowed
+algorithm raises a plain ``Exception``. Authentication therefore runs here, on its own, so exactly
+those refusals map to 401 and nothing from the bot's own turn can be mistaken for one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
+from typing import Any
+
+import azure.functions as func
+import jwt
+import requests
+from botbuilder.core import ConversationState, TurnContext
+from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
+from botbuilder.schema import Activity, ActivityTypes
+from botframework.connector.auth import AuthenticateRequestResult, ServiceClientCredentialsFactory
+from msrest.exceptions import DeserializationError
+
+from settings import AppSettings
+
+log = logging.getLogger("bot.adapter")
+
+# Direct Line's limit for one activity; Teams messages are at most ~100 KB.
+MAX_ACTIVITY_BYTES = 256 * 1024
+# Plain ``Exception`` messages botbuilder's token validation raises for a token it refuses.
+_LIBRARY_REFUSALS = ("Could not validate endorsement key", "Token signing algorithm not in allowed list")
+APOLOGY = (
+    "Sorry, something went wrong on my side while handling your message. I've cleared this "
+    "conversation's state; please send it again."
+)
+
+
+def adapter_configuration(settings: AppSettings) -> SimpleNamespace:
+    """botbuilder's configuration object (read with getattr) from the app's settings."""
+    return SimpleNamespace(
+        APP_ID=settings.microsoft_app_id,
+        APP_PASSWORD=settings.microsoft_app_password.get_secret_value(),
+        APP_TYPE=settings.microsoft_app_type,
+        APP_TENANTID=settings.microsoft_app_tenant_id,
+    )
+
+
+def create_adapter(
+    settings: AppSettings, *, credentials_factory: ServiceClientCredentialsFactory | None = None
+) -> CloudAdapter:
+    """``CloudAdapter(ConfigurationBotFrameworkAuthentication)``; an empty app id = anonymous mode."""
+    auth = ConfigurationBotFrameworkAuthentication(
+        adapter_configuration(settings), credentials_factory=credentials_factory
+    )
+    return CloudAdapter(auth)
+
+
+def turn_error_handler(
+    conversation_state: ConversationState,
+) -> Callable[[TurnContext, Exception], Awaitable]:
+    """``on_turn_error``: log, apologise, and clear the conversation's state so the next turn starts clean."""
+
+    async def on_turn_error(turn_context: TurnContext, error: Exception) -> None:
+        activity = turn_context.activity
+        log.error(
+            "bot turn failed channel=%s conversation=%s activity=%s error=%s: %s",
+            activity.channel_id,
+            activity.conversation.id if activity.conversation else None,
+            activity.id,
+            type(error).__name__,
+            error,
+            exc_info=error,
+        )
+        try:
+            await conversation_state.clear_state(turn_context)
+            await conversation_state.save_changes(turn_context, force=True)
+        except Exception:  # the store itself may be what failed; the apology still goes out
+            log.exception("bot could not clear the conversation state after a failed turn")
+        if activity.type == ActivityTypes.message:
+            await turn_context.send_activity(APOLOGY)
+
+    return on_turn_error
+
+
+def _response(status: int, error: str | None = None) -> func.HttpResponse:
+    body = json.dumps({"error": error}) if error else None
+    return func.HttpResponse(body, status_code=status, mimetype="application/json")
+
+
+def refusal_reason(error: Exception) -> str | None:
+    """Why botbuilder refused the token, or None when ``error`` is not a refusal."""
+    if isinstance(error, PermissionError):
+        return str(error) or "no valid identity"
+    if isinstance(error, jwt.PyJWTError):
+        return f"{type(error).__name__}: {error}"
+    if isinstance(error, IndexError):
+        return "the token's signing key id (kid) is not in the OpenID metadata"
+    if type(error) is Exception and str(error) in _LIBRARY_REFUSALS:
+        return str(error)
+    return None
+
+
+def read_activity(req: func.HttpRequest) -> Activity | func.HttpResponse:
+    """The request's activity, or the 4xx response that says what is wrong with it."""
+    content_type = (req.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    if content_type != "application/json":
+        return _response(415, f"Content-Type must be application/json, not {content_type or '(none)'}")
+    body = req.get_body() or b""
+    if len(body) > MAX_ACTIVITY_BYTES:
+        return _response(413, f"activity is {len(body)} bytes; the limit is {MAX_ACTIVITY_BYTES}")
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        return _response(400, f"body is not valid JSON: {exc}")
+    if not isinstance(data, dict):
+        return _response(400, f"body must be a JSON object (an activity), not {type(data).__name__}")
+    try:
+        activity = Activity().deserialize(data)
+    except DeserializationError as exc:
+        return _response(400, f"body is not a Bot Framework activity: {exc}")
+    missing = [
+        name
+        for name, value in (
+            ("type", activity.type),
+            ("serviceUrl", activity.service_url),
+            ("conversation.id", activity.conversation and activity.conversation.id),
+        )
+        if not value
+    ]
+    if missing:
+        return _response(400, f"activity is missing {', '.join(missing)}")
+    return activity
+
+
+class MessagesEndpoint:
+    """``POST /api/messages``: authenticate, run the turn, answer as the channel expects."""
+
+    def __init__(self, adapter: CloudAdapter) -> None:
+        self.adapter = adapter
+
+    async def handle(
+        self, req: func.HttpRequest, logic: Callable[[TurnContext], Awaitable[Any]]
+    ) -> func.HttpResponse:
+        activity = read_activity(req)
+        if isinstance(activity, func.HttpResponse):
+            return activity
+        auth = await self._authenticate(activity, req.headers.get("Authorization") or "")
+        if isinstance(auth, func.HttpResponse):
+            return auth
+        invoke = await self.adapter.process_activity(auth, activity, logic)
+        if invoke is None:
+            return func.HttpResponse(status_code=201)  # what botbuilder's aiohttp host answers
+        body = json.dumps(invoke.body) if invoke.body is not None else None
+        return func.HttpResponse(body, status_code=int(invoke.status), mimetype="application/json")
+
+    async def _authenticate(
+        self, activity: Activity, header: str
+    ) -> AuthenticateRequestResult | func.HttpResponse:
+        try:
+            return await self.adapter.bot_framework_authentication.authenticate_request(activity, header)
+        except requests.RequestException as exc:
+            log.error("bot cannot fetch the OpenID metadata to check a token: %s", exc)
+            return _response(503, "cannot check the token now (OpenID metadata unreachable)")
+        except Exception as exc:  # narrowed right below: only botbuilder's token refusals become 401
+            reason = refusal_reason(exc)
+            if reason is None:
+                raise
+            log.warning(
+                "bot request refused status=401 channel=%s serviceUrl=%s reason=%s",
+                activity.channel_id,
+                activity.service_url,
+                reason,
+            )
+            return _response(401, "unauthorized")

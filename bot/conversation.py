@@ -1,0 +1,84 @@
+"""What the bot remembers about one conversation, and how much of it goes to the model.
+
+The memory lives in ``ConversationState`` as a plain JSON-safe dict (so any ``Storage``, the blob
+one included, can keep it): the recent turns as chat messages and this conversation's route choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from botbuilder.core import ConversationState, TurnContext
+from pydantic import BaseModel, Field
+
+RouteName = Literal["flow", "direct"]
+ROUTES: tuple[RouteName, ...] = ("flow", "direct")
+
+
+class ChatTurn(BaseModel):
+    question: str
+    answer: str
+
+
+class ConversationMemory(BaseModel):
+    turns: list[ChatTurn] = Field(default_factory=list)
+    route: RouteName | None = None  # None: the app's BOT_ROUTE
+
+    def messages(self) -> list[dict[str, str]]:
+        """The history as alternating user/assistant messages, oldest first."""
+        out: list[dict[str, str]] = []
+        for turn in self.turns:
+            out.append({"role": "user", "content": turn.question})
+            out.append({"role": "assistant", "content": turn.answer})
+        return out
+
+
+@dataclass(frozen=True)
+class HistoryBound:
+    """How much history is kept: at most ``max_turns`` turns and ``max_chars`` characters.
+
+    Characters stand in for tokens (Phi-3's tokenizer averages ~3-4 characters per token on
+    English chat), so the bound needs no tokenizer at the point of use.
+    """
+
+    max_turns: int
+    max_chars: int
+
+    def apply(self, turns: list[ChatTurn]) -> list[ChatTurn]:
+        """The newest turns that fit; an older turn is never kept when a newer one is dropped."""
+        kept: list[ChatTurn] = []
+        budget = self.max_chars
+        for turn in reversed(turns[-self.max_turns :] if self.max_turns else []):
+            cost = len(turn.question) + len(turn.answer)
+            if cost > budget:
+                break
+            budget -= cost
+            kept.append(turn)
+        kept.reverse()
+        return kept
+
+
+def remember(memory: ConversationMemory, question: str, answer: str, bound: HistoryBound) -> None:
+    """Add a finished turn and drop what no longer fits."""
+    memory.turns = bound.apply([*memory.turns, ChatTurn(question=question, answer=answer)])
+
+
+class ConversationMemories:
+    """Reads and writes ``ConversationMemory`` in a ``ConversationState`` (saved at the end of a turn)."""
+
+    PROPERTY = "chat"
+
+    def __init__(self, state: ConversationState) -> None:
+        self.state = state
+        self._property = state.create_property(self.PROPERTY)
+
+    async def load(self, ctx: TurnContext) -> ConversationMemory:
+        raw = await self._property.get(ctx, dict)
+        return ConversationMemory.model_validate(raw or {})
+
+    async def store(self, ctx: TurnContext, memory: ConversationMemory) -> None:
+        await self._property.set(ctx, memory.model_dump(mode="json"))
+
+    async def save(self, ctx: TurnContext) -> None:
+        await self.state.save_changes(ctx)

@@ -1,0 +1,124 @@
+"""The blob state store against Azurite (a real Blob REST implementation), and two bot instances
+sharing it the way scaled-out Function App instances do."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from botbuilder.core import TurnContext
+from botbuilder.core.adapters import TestAdapter
+from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, ConversationAccount
+
+from bot.runtime import BotRuntime, create_runtime
+from bot.storage import BlobStore, StorageConflictError, blob_name
+from settings import AppSettings
+from tests.fake_arm.azurite import AzuriteBlob, AzuriteUnavailable
+from tests.support.bot_fakes import StubBackend, StubModel
+
+TEAMS_KEY = "msteams/conversations/19:abc@thread.tacv2;messageid=1700000000000"
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory):
+    try:
+        server = AzuriteBlob(tmp_path_factory.mktemp("azurite")).start()
+    except AzuriteUnavailable as exc:
+        pytest.fail(f"Azurite is needed for the blob store tests: {exc}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def store(azurite, request):
+    blob_store = BlobStore(
+        f"bot-{request.node.name[-20:].replace('_', '-').strip('-')}",
+        connection_string=azurite.connection_string,
+    )
+    yield blob_store
+    await blob_store.close()
+
+
+async def test_items_round_trip_under_teams_style_keys(store):
+    await store.write({TEAMS_KEY: {"chat": {"turns": [{"question": "q", "answer": "a"}]}}})
+    item = (await store.read([TEAMS_KEY, "missing/key"]))[TEAMS_KEY]
+    assert item["chat"] == {"turns": [{"question": "q", "answer": "a"}]} and item["e_tag"]
+    assert (await store.read(["missing/key"])) == {}
+    await store.delete([TEAMS_KEY, "missing/key"])
+    assert await store.read([TEAMS_KEY]) == {}
+
+
+async def test_a_write_with_a_stale_e_tag_is_refused(store):
+    await store.write({"k": {"n": 1}})
+    first = (await store.read(["k"]))["k"]
+    await store.write({"k": {**first, "n": 2}})  # someone else's turn, with the same e-tag
+    with pytest.raises(StorageConflictError, match="changed by another turn"):
+        await store.write({"k": {**first, "n": 3}})
+    await store.write({"k": {"n": 4, "e_tag": "*"}})  # '*' overwrites whatever is there
+    assert (await store.read(["k"]))["k"]["n"] == 4
+
+
+async def test_only_one_of_many_concurrent_claims_wins(store):
+    results = await asyncio.gather(*(store.claim("test/activities/c/a1", {"by": i}, 60) for i in range(6)))
+    assert results.count(True) == 1
+    assert await store.claim("test/activities/c/a1", {}, 60) is False
+    assert await store.claim("test/activities/c/a1", {}, stale_after_s=0) is True  # a stale claim is retaken
+
+
+def test_very_long_keys_get_a_bounded_blob_name():
+    assert len(blob_name("x" * 5000)) < 1024
+    assert blob_name("a/b:c;d") == "a%2Fb%3Ac%3Bd.json"
+
+
+@pytest.fixture
+async def instances(azurite):
+    """Two bot runtimes (two Function App instances) sharing one container and one endpoint."""
+    model = await StubModel().start()
+    backend = StubBackend()
+    backend.add("ep", model, created_at="2031-01-01T00:00:00Z")
+    settings = AppSettings(
+        BOT_ROUTE="direct",
+        BOT_STATE_STORE="blob",
+        BOT_STATE_CONTAINER="bot-instances",
+        BOT_STATE_CONNECTION_STRING=azurite.connection_string,
+    )
+    runtimes = [create_runtime(settings, backend=lambda: backend) for _ in range(2)]
+    yield runtimes, model
+    for runtime in runtimes:
+        await runtime.close()
+    await model.stop()
+
+
+async def _say(runtime: BotRuntime, text: str, activity_id: str) -> list[str]:
+    template = Activity(
+        channel_id="msteams",
+        service_url="https://smba.example",
+        from_property=ChannelAccount(id="user-1"),
+        recipient=ChannelAccount(id="bot"),
+        conversation=ConversationAccount(id="19:abc@thread.tacv2"),
+    )
+
+    async def logic(turn_context: TurnContext) -> None:
+        await runtime.bot.on_turn(turn_context)
+
+    adapter = TestAdapter(logic, template)
+    await adapter.receive_activity(Activity(type=ActivityTypes.message, text=text, id=activity_id))
+    return [a.text for a in adapter.activity_buffer if a.type == ActivityTypes.message]
+
+
+async def test_history_written_by_one_instance_is_read_by_another(instances):
+    (a, b), model = instances
+    assert await _say(a, "first", "act-1") == ["Answer to: first [1 messages]"]
+    assert await _say(b, "second", "act-2") == ["Answer to: second [3 messages]"]
+    assert [m["content"] for m in model.last_messages()] == [
+        "first",
+        "Answer to: first [1 messages]",
+        "second",
+    ]
+
+
+async def test_a_retry_arriving_at_another_instance_is_not_answered_again(instances):
+    (a, b), model = instances
+    assert await _say(a, "once", "act-retry") != []
+    assert await _say(b, "once", "act-retry") == []
+    assert len(model.requests) == 1
