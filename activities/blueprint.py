@@ -15,7 +15,7 @@ import azure.durable_functions as df
 from pydantic import ValidationError
 
 from activities import evaluate as evaluate_module
-from activities import steps
+from activities import integrate, steps
 from backends.factory import get_backend
 from backends.protocol import BackendError, MLBackend
 from pipeline.chat_dataset import DatasetError
@@ -112,6 +112,21 @@ def traffic(payload: dict) -> dict:
 @bp.activity_trigger(input_name="payload")
 def smoke_test(payload: dict) -> dict:
     return _run("smoke_test", steps.smoke_test, payload)
+
+
+@bp.activity_trigger(input_name="payload")
+def promptflow_connection(payload: dict) -> dict:
+    return _run("promptflow_connection", integrate.promptflow_connection, payload)
+
+
+@bp.activity_trigger(input_name="payload")
+def flow_smoke(payload: dict) -> dict:
+    return _run("flow_smoke", integrate.flow_smoke, payload)
+
+
+@bp.activity_trigger(input_name="payload")
+def base_deployment(payload: dict) -> dict:
+    return _run("base_deployment", evaluate_module.base_deployment, payload)
 
 
 @bp.activity_trigger(input_name="payload")

@@ -1,25 +1,32 @@
-"""The evaluate step: held-out conversations through the deployed model, scored against references."""
+"""Evaluate steps: serve the base model beside the fine-tuned one, then score both through the flow."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from activities.integrate import flow_runner
 from activities.steps import StepInput, run_dir
-from backends.protocol import MLBackend
-from pipeline.evaluation import evaluate_answers, load_eval_cases, summarize, write_rows
+from backends.protocol import MLBackend, ResourceRef
+from pipeline.evaluation import evaluate_base_vs_finetuned, load_eval_cases
 from pipeline.steps import StepResult
 
+BASE_DEPLOYMENT = "base"
 
-def _endpoint_answerer(backend: MLBackend, endpoint: str, max_new_tokens: int):
-    from backends.scoring import chat_sync
 
-    ep = backend.get_endpoint(endpoint)
-    key = backend.get_endpoint_keys(endpoint).primary.get_secret_value()
-
-    def answer(messages):
-        return chat_sync(ep.scoring_uri, key, messages, temperature=0.0, max_new_tokens=max_new_tokens)
-
-    return answer
+def base_deployment(inp: StepInput, backend: MLBackend) -> StepResult:
+    cfg = inp.config.evaluation
+    if not (cfg.enabled and cfg.compare_base):
+        return StepResult(skipped="evaluation.compare_base is false")
+    dep = backend.ensure_base_deployment(
+        inp.names["endpoint"], BASE_DEPLOYMENT, inp.names["job"], inp.names["model"], inp.config
+    )
+    if dep is None:
+        return StepResult(skipped=f"the {backend.name} backend does not serve the base model for comparison")
+    return StepResult(
+        summary=f"base model deployment {dep.name} is {dep.provisioning_state} (no traffic)",
+        outputs={"base_deployment": {"name": dep.name, "model": dep.model}},
+        created=[ResourceRef(kind="deployment", name=dep.name, parent=dep.endpoint)],
+    )
 
 
 def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
@@ -29,16 +36,27 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
     cases = load_eval_cases(Path(inp.state["dataset"]["test_file"]["path"]), cfg.sample_size)
     if not cases:
         return StepResult(skipped="the test split has no conversations to evaluate")
-    answer = _endpoint_answerer(backend, inp.names["endpoint"], inp.config.deployment.max_new_tokens)
-    rows = evaluate_answers(cases, answer)
-    artifact = write_rows(rows, run_dir(inp.run_id) / "evaluation" / "finetuned.jsonl")
-    metrics = summarize(rows)
-    backend.log_evaluation(inp.run_id, {"finetuned": metrics.model_dump()}, [artifact])
-    summary = (
-        f"fine-tuned: ROUGE-L {metrics.rouge_l}, F1 {metrics.f1} over {metrics.rows} conversations "
-        f"({metrics.errors} errors)"
+    finetuned = flow_runner(backend, inp, deployment=inp.names["deployment"])
+    base = flow_runner(backend, inp, deployment=BASE_DEPLOYMENT) if "base_deployment" in inp.state else None
+    comparison = evaluate_base_vs_finetuned(
+        cases,
+        finetuned.answer_conversation,
+        base.answer_conversation if base else None,
+        out_dir=run_dir(inp.run_id) / "evaluation",
+        base_skipped=None if base else "no base model deployment (see the base_deployment step)",
     )
-    return StepResult(
-        summary=summary,
-        outputs={"evaluation": {"finetuned": metrics.model_dump(), "rows_file": str(artifact)}},
-    )
+    out_dir = run_dir(inp.run_id) / "evaluation"
+    artifacts = [
+        p
+        for p in (out_dir / n for n in ("finetuned.jsonl", "base.jsonl", "side_by_side.jsonl"))
+        if p.exists()
+    ]
+    metrics = {"finetuned": comparison.finetuned.model_dump()}
+    if comparison.base:
+        metrics["base"] = comparison.base.model_dump()
+    backend.log_evaluation(inp.run_id, metrics, artifacts)
+    ft = comparison.finetuned
+    summary = f"fine-tuned ROUGE-L {ft.rouge_l}, F1 {ft.f1} over {ft.rows} conversations ({ft.errors} errors)"
+    if comparison.base:
+        summary += f"; base ROUGE-L {comparison.base.rouge_l}, F1 {comparison.base.f1}"
+    return StepResult(summary=summary, outputs={"evaluation": comparison.model_dump(mode="json")})

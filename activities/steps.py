@@ -232,7 +232,7 @@ def traffic(inp: StepInput, backend: MLBackend) -> StepResult:
 
 
 # integrate -----------------------------------------------------------------------------------------
-def _first_question(inp: StepInput) -> str:
+def first_question(inp: StepInput) -> str:
     if inp.config.evaluation.smoke_question:
         return inp.config.evaluation.smoke_question
     import json
@@ -250,7 +250,7 @@ def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
     name = inp.names["endpoint"]
     ep = backend.get_endpoint(name)
     keys = backend.get_endpoint_keys(name)
-    question = _first_question(inp)
+    question = first_question(inp)
     started = time.perf_counter()
     answer = chat_sync(
         ep.scoring_uri,
@@ -282,4 +282,7 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
             if not job.is_terminal:
                 backend.cancel_job(ref.name)
                 actions.append(f"canceled job {ref.name}")
+        elif ref.kind == "connection":
+            backend.delete_promptflow_connection(ref.name)
+            actions.append(f"deleted connection {ref.name}")
     return {"actions": actions}

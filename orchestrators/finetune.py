@@ -72,6 +72,12 @@ class PipelineRun:
             raise StepFailed(name, result.error or "failed")
         return result
 
+    def skip(self, name: str, reason: str) -> None:
+        now = self.context.current_utc_datetime
+        self.progress.begin(name, now)
+        self.progress.finish(name, StepResult(skipped=reason), now)
+        self.publish()
+
     def wait(self, name: str, check: str, args: dict):
         """Wait on a long operation in a monitor sub-orchestration with durable timers."""
         polling = self.run.config.polling
@@ -140,9 +146,20 @@ def finetune_pipeline(context: df.DurableOrchestrationContext):
             {"endpoint": run.names["endpoint"], "deployment": run.names["deployment"]},
         )
         yield from pipeline.step("traffic")
-        # 5. Integrate: the chat path answers.
+        # 5. Integrate: the Prompt flow connection; the endpoint and the flow answer.
+        yield from pipeline.step("promptflow_connection")
         yield from pipeline.step("smoke_test")
-        # 6. Evaluate on held-out conversations.
+        yield from pipeline.step("flow_smoke")
+        # 6. Evaluate on held-out conversations, base model vs fine-tuned.
+        base = yield from pipeline.step("base_deployment")
+        if base.skipped:
+            pipeline.skip("wait_for_base_deployment", base.skipped)
+        else:
+            yield from pipeline.wait(
+                "wait_for_base_deployment",
+                "deployment_status",
+                {"endpoint": run.names["endpoint"], "deployment": "base"},
+            )
         yield from pipeline.step("evaluate")
     except StepFailed as failure:
         progress.fail(failure.step, failure.message)

@@ -19,8 +19,8 @@ STAGES: list[tuple[str, list[str]]] = [
     ("data", ["prepare_dataset", "upload_data"]),
     ("fine-tune", ["compute", "submit_finetune", "wait_for_finetune"]),
     ("deploy", ["register_model", "endpoint", "deployment", "wait_for_deployment", "traffic"]),
-    ("integrate", ["smoke_test"]),
-    ("evaluate", ["evaluate"]),
+    ("integrate", ["promptflow_connection", "smoke_test", "flow_smoke"]),
+    ("evaluate", ["base_deployment", "wait_for_base_deployment", "evaluate"]),
 ]
 STEP_STAGE = {step: stage for stage, steps in STAGES for step in steps}
 STEP_ORDER = [step for _, steps in STAGES for step in steps]

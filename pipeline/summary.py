@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-WAIT_STEPS = ("wait_for_finetune", "wait_for_deployment")
+WAIT_STEPS = ("wait_for_finetune", "wait_for_deployment", "wait_for_base_deployment")
 
 
 class RunSummary(BaseModel):
@@ -29,6 +29,8 @@ class RunSummary(BaseModel):
     model: dict[str, Any] | None = None
     endpoint: dict[str, Any] | None = None
     smoke_test: dict[str, Any] | None = None
+    flow_smoke: dict[str, Any] | None = None
+    connection: dict[str, Any] | None = None
     evaluation: dict[str, Any] | None = None
     created_resources: list[dict[str, Any]] = Field(default_factory=list)
     error: dict[str, Any] | None = None
@@ -65,6 +67,8 @@ def build_summary(
         endpoint=outputs.get("endpoint"),
         smoke_test=outputs.get("smoke_test"),
         evaluation=outputs.get("evaluation"),
+        flow_smoke=outputs.get("flow_smoke"),
+        connection=outputs.get("connection"),
         created_resources=progress.get("created", []),
         error=progress.get("error"),
     )

@@ -22,13 +22,17 @@ FACTS = json.loads((PROJECT_ROOT / "sample_data" / "support_facts.json").read_te
 
 @pytest.fixture
 def stack(tmp_path):
+    home = tmp_path / "home"  # promptflow, MLflow and HF must not write to the user's home
+    home.mkdir()
     env = {
         "PHI3_STATE_DIR": str(tmp_path / "phi3"),
         "PHI3_MODELS_DIR": str(PROJECT_ROOT / ".models"),
         "PHI3_BACKEND": "local",
+        "HOME": str(home),
     }
     host = DevhostProcess(PROJECT_ROOT, tmp_path / "devhost", env=env)
     host.start()
+    host.home = home
     host.settings = AppSettings(PHI3_STATE_DIR=env["PHI3_STATE_DIR"], PHI3_MODELS_DIR=env["PHI3_MODELS_DIR"])
     yield host
     host.stop()
@@ -74,7 +78,13 @@ def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(sta
     assert done["job"]["eval_loss"] is not None
     assert done["model"]["version"] == "1"
     assert done["endpoint"]["scoring_uri"].startswith("http://127.0.0.1:")
-    assert done["evaluation"]["finetuned"]["rows"] > 0
+    assert done["connection"]["name"] == "phi3-endpoint"
+    assert done["flow_smoke"]["answer"] and done["flow_smoke"]["follow_up_answer"]
+    evaluation = done["evaluation"]
+    assert evaluation["finetuned"]["rows"] > 0 and evaluation["finetuned"]["errors"] == 0
+    assert evaluation["base"]["rows"] == evaluation["finetuned"]["rows"]
+    assert evaluation["finetuned"]["rouge_l"] > evaluation["base"]["rouge_l"]  # it learned its training data
+    assert list(stack.home.iterdir()) == [], "the pipeline wrote into HOME"
 
     backend = LocalBackend(stack.settings, restart_endpoints=False)
     key = backend.get_endpoint_keys(done["endpoint"]["name"]).primary.get_secret_value()
@@ -113,7 +123,8 @@ def _one_of_each(stack, run_id):
     assert list(config["deployments"]) == ["blue"]
     assert config["deployments"]["blue"]["revision"] == 1  # never re-created or reloaded
     backend = LocalBackend(stack.settings, restart_endpoints=False)
-    versions = backend._mlflow().search_model_versions(f"name='{summary(stack, run_id)['model']['name']}'")
+    model_name = summary(stack, run_id)["model"]["name"]
+    versions = backend.registry.client().search_model_versions(f"name='{model_name}'")
     assert len(versions) == 1
 
 

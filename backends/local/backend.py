@@ -28,6 +28,7 @@ from backends.protocol import (
     MetricPoint,
     NotFoundError,
     RegisteredModel,
+    ResourceRef,
     SetupResult,
 )
 from pipeline.config import PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
@@ -40,14 +41,13 @@ from .endpoints import (
     InvalidEndpointRequest,
     LocalEndpoints,
 )
-from .jobs import JobNotFoundError, LocalJobRunner
-from .trainer import TrainingSpec
+from .jobs import JobNotFoundError, LocalJobRunner, TrainingSpec
+from .registry import LocalRegistry
 
 log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EXPERIMENT = "phi3-finetune"
-EVAL_EXPERIMENT = "phi3-evaluation"
 
 
 def _sha256(path: Path) -> str:
@@ -71,6 +71,7 @@ class LocalBackend:
         os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
         os.environ["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
         self.jobs = LocalJobRunner(self.root)
+        self.registry = LocalRegistry(settings.mlflow_tracking_uri, self.root / "mlartifacts")
         self.endpoints = LocalEndpoints(self.root, tracking_uri=settings.mlflow_tracking_uri)
         # The host restarts endpoints whose server died with it; a client (the CLI) must not revive them.
         restarted = self.endpoints.ensure_running() if restart_endpoints else []
@@ -237,18 +238,7 @@ class LocalBackend:
         info = self.jobs.get(job_name)
         if not info.mlflow_run_id:
             return {}
-        client = self._mlflow()
-        out = {}
-        for key in ("train_loss", "eval_loss"):
-            history = client.get_metric_history(info.mlflow_run_id, key)
-            out[key] = [MetricPoint(step=m.step, value=m.value) for m in history]
-        return out
-
-    def _mlflow(self):
-        from mlflow.tracking import MlflowClient
-
-        uri = self.settings.mlflow_tracking_uri
-        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+        return self.registry.metric_history(info.mlflow_run_id, ("train_loss", "eval_loss"))
 
     # deploy -------------------------------------------------------------------------------------
     def register_model(self, job_name: str, model_name: str, tags: dict[str, str]) -> RegisteredModel:
@@ -257,23 +247,8 @@ class LocalBackend:
             raise BackendError(
                 f"job '{job_name}' is {info.status}; only a Completed job's model can be registered"
             )
-        client = self._mlflow()
-        from mlflow.exceptions import MlflowException
-
-        try:
-            client.get_registered_model(model_name)
-        except MlflowException:
-            client.create_registered_model(model_name, tags={"managed-by": "phi3-finetune"})
-        for mv in client.search_model_versions(f"name='{model_name}'"):
-            if mv.tags.get("job_name") == job_name:  # a retried step: reuse, never a second version
-                return RegisteredModel(
-                    name=model_name, version=str(mv.version), uri=f"models:/{model_name}/{mv.version}"
-                )
-        mv = client.create_model_version(
-            model_name, info.model_uri, run_id=info.mlflow_run_id, tags={**tags, "job_name": job_name}
-        )
-        return RegisteredModel(
-            name=model_name, version=str(mv.version), uri=f"models:/{model_name}/{mv.version}"
+        return self.registry.register(
+            model_name, info.model_uri, job_name=job_name, mlflow_run_id=info.mlflow_run_id, tags=tags
         )
 
     def ensure_endpoint(self, name: str, tags: dict[str, str], cfg: RunConfig) -> EndpointState:
@@ -380,27 +355,59 @@ class LocalBackend:
             created_at=info.created_at.isoformat(),
         )
 
+    # integrate ----------------------------------------------------------------------------------
+    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
+        """A CustomConnection in promptflow's local store (key encrypted; key file under the state dir)."""
+        from flows.connections import upsert_connection
+
+        ep = self.get_endpoint(endpoint)
+        key = self.get_endpoint_keys(endpoint).primary.get_secret_value()
+        conn = upsert_connection(name, ep.scoring_uri or "", key, state_dir=self.root)
+        return SetupResult(
+            summary=f"connection {conn.name} {conn.action} -> {conn.endpoint}",
+            details={"connection": {"name": conn.name, "endpoint": conn.endpoint, "store": "local"}},
+            created=[ResourceRef(kind="connection", name=conn.name)],
+        )
+
+    def delete_promptflow_connection(self, name: str) -> None:
+        from flows.connections import delete_connection
+
+        delete_connection(name, state_dir=self.root)
+
     # evaluation ---------------------------------------------------------------------------------
-    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
-        """One MLflow run per pipeline run in the evaluation experiment (reused on retry)."""
-        client = self._mlflow()
-        experiment = client.get_experiment_by_name(EVAL_EXPERIMENT)
-        experiment_id = (
-            experiment.experiment_id
-            if experiment
-            else client.create_experiment(
-                EVAL_EXPERIMENT, artifact_location=(self.root / "mlartifacts" / "evaluation").as_uri()
+    def base_checkpoint(self, job_name: str) -> Path:
+        """The directory the job fine-tuned from (the tiny model is built inside the job)."""
+        spec = json.loads((self.root / "jobs" / job_name / "spec.json").read_text())
+        base = spec["base_model"]
+        if base == TINY_PHI3:
+            return self.root / "jobs" / job_name / "work" / "tiny-phi3"
+        if base == SMOLLM2:
+            return self.settings.models_dir / "SmolLM2-135M-Instruct"
+        return Path(base)
+
+    def ensure_base_deployment(
+        self, endpoint: str, deployment: str, job_name: str, model_name: str, cfg: RunConfig
+    ) -> DeploymentState | None:
+        """Serve the untuned base model as a second deployment (no traffic) so evaluation can compare."""
+        base_name = f"{model_name}-base"
+        model = self.registry.version_for_job(base_name, job_name)
+        if model is None:
+            checkpoint = self.base_checkpoint(job_name)
+            if not (checkpoint / "config.json").exists():
+                raise BackendError(f"the base checkpoint {checkpoint} of job '{job_name}' is missing")
+            model = self.registry.register_directory(checkpoint, base_name, job_name)
+        try:
+            info = self.endpoints.create_or_update_deployment(
+                endpoint,
+                deployment,
+                model_uri=model.uri,
+                max_new_tokens_limit=cfg.deployment.max_new_tokens,
+                request_timeout_ms=cfg.deployment.request_timeout_ms,
+                tags={"model": f"{model.name}:{model.version}"},
             )
-        )
-        found = client.search_runs([experiment_id], f"tags.run_id = '{run_id}'", max_results=1)
-        run = (
-            found[0] if found else client.create_run(experiment_id, tags={"run_id": run_id}, run_name=run_id)
-        )
-        run_id_ml = run.info.run_id
-        for model, values in metrics.items():
-            for key, value in values.items():
-                if isinstance(value, int | float) and value is not None:
-                    client.log_metric(run_id_ml, f"{model}.{key}", float(value))
-        for path in artifacts:
-            client.log_artifact(run_id_ml, str(path))
-        client.set_terminated(run_id_ml)
+        except (InvalidEndpointRequest, EndpointServerError) as exc:
+            raise BackendError(str(exc)) from exc
+        return self._deployment_state(info)
+
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
+        self.registry.log_evaluation(run_id, metrics, artifacts)

@@ -141,7 +141,9 @@ class EndpointServer:
         self.device = "cpu"
         # Not asyncio's default executor: asyncio.run() joins that one, and a stuck load must not
         # keep a stopped endpoint alive.
-        self._loaders = ThreadPoolExecutor(max_workers=2, thread_name_prefix="load")
+        # One loader thread: two first loads at once race inside transformers' lazy imports
+        # ("cannot import name 'AutoModelForCausalLM'"), and 2 cores gain nothing from parallel loads.
+        self._loaders = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
 
     def _read_keys(self) -> tuple[bytes, bytes]:
         keys = read_keys(self.endpoint_dir)
