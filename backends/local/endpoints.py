@@ -17,7 +17,6 @@ import fcntl
 import json
 import logging
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -30,103 +29,30 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, SecretStr
+
+from .endpoint_state import (  # noqa: F401 - re-exported: callers import these from here
+    DeploymentConfig,
+    DeploymentNotFoundError,
+    EndpointConfig,
+    EndpointKeys,
+    EndpointNotFoundError,
+    EndpointServerError,
+    InvalidEndpointRequest,
+    KeyName,
+    ProvisioningState,
+    ServerRecord,
+    process_identity,
+    read_endpoint_config,
+    read_keys,
+    validate_resource_name,
+    write_json_atomic,
+)
+from .server_process import ServerProcesses
 
 log = logging.getLogger(__name__)
-
-ProvisioningState = Literal["Creating", "Updating", "Succeeded", "Failed", "Deleting"]
-KeyName = Literal["primary", "secondary"]
-_NAME = re.compile(r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
-_PROJECT_ROOT = Path(__file__).resolve().parents[2]
-
-
-# -- the files shared with the server ---------------------------------------------------------
-class DeploymentConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    model_uri: str = Field(min_length=1)
-    # Bumped whenever the deployment must be (re)loaded; /health reports the revision it serves.
-    revision: int = Field(default=1, ge=1)
-    instance_count: int = Field(default=1, ge=1)
-    max_new_tokens_limit: int = Field(default=1024, ge=1)
-    request_timeout_ms: int = Field(default=90_000, ge=1)
-    tags: dict[str, str] = Field(default_factory=dict)
-
-
-class EndpointConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str
-    port: int = Field(ge=1, le=65535)
-    # Bumped on every write; /health reports the generation the server has applied.
-    generation: int = 0
-    tags: dict[str, str] = Field(default_factory=dict)
-    created_at: datetime
-    deployments: dict[str, DeploymentConfig] = Field(default_factory=dict)
-    traffic: dict[str, int] = Field(default_factory=dict)
-
-
-class EndpointKeys(BaseModel):
-    """An endpoint's keys. ``SecretStr`` keeps them out of repr, str and logs."""
-
-    primary: SecretStr
-    secondary: SecretStr
-
-
-class ServerRecord(BaseModel):
-    pid: int
-    port: int
-    started_at: datetime
-    # With the boot id, the process start time tells a live server from a reused pid.
-    start_ticks: int
-    boot_id: str
-
-
-def write_json_atomic(path: Path, data: Any, *, mode: int = 0o644) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w") as file:
-        json.dump(data, file, indent=2)
-    os.chmod(tmp, mode)  # the umask may have narrowed or (for 0600) the file may pre-exist
-    os.replace(tmp, path)
-
-
-def read_endpoint_config(endpoint_dir: Path) -> EndpointConfig:
-    return EndpointConfig.model_validate_json((endpoint_dir / "endpoint.json").read_bytes())
-
-
-def read_keys(endpoint_dir: Path) -> EndpointKeys:
-    return EndpointKeys.model_validate_json((endpoint_dir / "keys.json").read_bytes())
-
-
-def _proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, start time in clock ticks) of a process, or None if there is none."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()  # the command name may contain spaces
-    return fields[0], int(fields[19])
-
-
-def _boot_id() -> str:
-    return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-
-
-def process_identity(pid: int) -> dict[str, Any]:
-    stat = _proc_stat(pid)
-    if stat is None:
-        raise ProcessLookupError(f"no process {pid}")
-    return {"start_ticks": stat[1], "boot_id": _boot_id()}
-
-
-def validate_resource_name(kind: str, name: str) -> str:
-    if not (3 <= len(name) <= 32 and _NAME.match(name)):
-        raise InvalidEndpointRequest(
-            f"{kind} name {name!r} is invalid: use 3-32 characters, start with a letter, then letters, "
-            "digits or hyphens, and do not end with a hyphen (Azure ML's rule)"
-        )
-    return name
 
 
 # -- what callers get back --------------------------------------------------------------------
@@ -154,23 +80,7 @@ class DeploymentInfo(BaseModel):
     error: str | None = None
 
 
-class InvalidEndpointRequest(ValueError):
-    """A name, traffic split or key name that Azure ML would reject too."""
-
-
-class EndpointNotFoundError(LookupError):
-    pass
-
-
-class DeploymentNotFoundError(LookupError):
-    pass
-
-
-class EndpointServerError(RuntimeError):
-    """The endpoint's server process did not start or did not apply a change."""
-
-
-class LocalEndpoints:
+class LocalEndpoints(ServerProcesses):
     def __init__(
         self,
         workspace_dir: Path,
@@ -424,91 +334,6 @@ class LocalEndpoints:
     def _ensure_server(self, name: str) -> ServerRecord:
         return self._running_record(name) or self._start_server(name)
 
-    def _start_server(self, name: str) -> ServerRecord:
-        directory = self._dir(name)
-        (directory / "server.json").unlink(missing_ok=True)
-        (directory / "logs").mkdir(exist_ok=True)
-        env = {
-            **os.environ,
-            "MLFLOW_TRACKING_URI": self.tracking_uri,
-            "HF_HUB_OFFLINE": "1",
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
-        }
-        with open(directory / "logs" / "server.log", "ab") as server_log:
-            child = subprocess.Popen(
-                [self.python, "-m", "backends.local.scoring_server", str(directory)],
-                cwd=_PROJECT_ROOT,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=server_log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # Ctrl-C in the host's terminal must not kill endpoints
-            )
-        self._children[name] = child
-        deadline = time.monotonic() + self.start_timeout_s
-        while time.monotonic() < deadline:
-            record = self._running_record(name)
-            if record is not None and record.pid == child.pid:
-                log.info("endpoint %s: server pid %s on port %s", name, record.pid, record.port)
-                return record
-            if child.poll() is not None:
-                raise EndpointServerError(
-                    f"endpoint {name!r}: the server exited with code {child.returncode}: "
-                    f"{_log_tail(directory / 'logs' / 'server.log')}"
-                )
-            time.sleep(0.05)
-        raise EndpointServerError(
-            f"endpoint {name!r}: the server did not start within {self.start_timeout_s:g} s; "
-            f"see {directory / 'logs' / 'server.log'}"
-        )
-
-    def _running_record(self, name: str) -> ServerRecord | None:
-        """The server record if that very process is alive (not a zombie, not a reused pid)."""
-        child = self._children.get(name)
-        if child is not None and child.poll() is not None:
-            del self._children[name]  # reaped: no zombie left behind
-        try:
-            record = ServerRecord.model_validate_json((self._dir(name) / "server.json").read_bytes())
-        except FileNotFoundError:
-            return None
-        stat = _proc_stat(record.pid)
-        if (
-            stat is None
-            or stat[0] in ("Z", "X")
-            or stat[1] != record.start_ticks
-            or record.boot_id != _boot_id()
-        ):
-            return None
-        return record
-
-    def _stop_server(self, name: str) -> None:
-        record = self._running_record(name)
-        if record is not None:
-            _signal_server(record.pid, signal.SIGTERM)
-            if not self._wait_gone(name, record, timeout_s=10.0):
-                log.warning("endpoint %s: server pid %s ignored SIGTERM; killing it", name, record.pid)
-                _signal_server(record.pid, signal.SIGKILL)
-                self._wait_gone(name, record, timeout_s=10.0)
-        (self._dir(name) / "server.json").unlink(missing_ok=True)
-
-    def _wait_gone(self, name: str, record: ServerRecord, *, timeout_s: float) -> bool:
-        child = self._children.get(name)
-        if child is not None and child.pid == record.pid:
-            try:
-                child.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                return False
-            del self._children[name]
-            return True
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            stat = _proc_stat(record.pid)
-            if stat is None or stat[0] in ("Z", "X") or stat[1] != record.start_ticks:
-                return True
-            time.sleep(0.05)
-        return False
-
     def _health(self, config: EndpointConfig) -> dict[str, Any] | None:
         url = f"http://127.0.0.1:{config.port}/health"
         try:
@@ -574,25 +399,7 @@ def _provisioning_state(
     return pending, None
 
 
-def _signal_server(pid: int, signum: int) -> None:
-    """Signal the server and anything it started (it leads its own session), never a foreign group."""
-    try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, signum)
-        else:
-            os.kill(pid, signum)
-    except ProcessLookupError:
-        return  # it exited on its own meanwhile
-
-
 def _new_keys() -> EndpointKeys:
     return EndpointKeys(
         primary=SecretStr(secrets.token_urlsafe(32)), secondary=SecretStr(secrets.token_urlsafe(32))
     )
-
-
-def _log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except FileNotFoundError:
-        return "(no server log)"

@@ -30,7 +30,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import ValidationError
 
-from backends.local.endpoints import (
+from backends.local.endpoint_state import (
     DeploymentConfig,
     EndpointConfig,
     ServerRecord,
