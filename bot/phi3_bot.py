@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 
 from botbuilder.core import ActivityHandler, TurnContext
-from botbuilder.schema import Activity, ActivityTypes, ChannelAccount
+from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, DeliveryModes
 
 from bot.answers import ChatService
 from bot.commands import Commands, RunStatusSource, parse_command
@@ -120,7 +120,8 @@ class Phi3Bot(ActivityHandler):
         route = memory.route or self.options.default_route
         history = memory.messages()
         conversation = turn_context.activity.conversation.id
-        await turn_context.send_activity(typing_activity())
+        if turn_context.activity.delivery_mode != DeliveryModes.expect_replies:
+            await turn_context.send_activity(typing_activity())  # buffered replies show no typing
         answering = asyncio.ensure_future(
             self.chat.answer(route, question, history, conversation=conversation)
         )

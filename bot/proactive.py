@@ -37,7 +37,7 @@ class PendingAnswer(BaseModel):
     question: str
     history: list[dict[str, str]]
     route: RouteName
-    state: Literal["pending", "answered", "delivered"] = "pending"
+    state: Literal["pending", "answered"] = "pending"  # answered: kept so a retried send reuses it
     answer: str | None = None
     ok: bool = False
 
@@ -111,17 +111,14 @@ class ProactiveAnswers:
         """Answer (or adopt the running answer), send it, remember the turn. Safe to run again."""
         raw = (await self.store.read([key])).get(key)
         if raw is None:
-            return DeliveryReport(pending_key=key, delivered=False, reason="no such pending answer")
+            return DeliveryReport(pending_key=key, delivered=False, reason="already delivered or unknown")
         pending = PendingAnswer.model_validate({k: v for k, v in raw.items() if k != "e_tag"})
-        if pending.state == "delivered":
-            return DeliveryReport(pending_key=key, delivered=False, reason="already delivered")
         if pending.state == "pending":
             answer = await self._answer(key, pending)
             pending.state, pending.answer, pending.ok = "answered", answer.text, answer.ok
             await self.store.write({key: pending.model_dump(mode="json")})
         sent = await self._send(adapter, pending)
-        pending.state = "delivered"
-        await self.store.write({key: pending.model_dump(mode="json")})
+        await self.store.delete([key])  # delivered: a replay finds nothing left to send
         return DeliveryReport(pending_key=key, delivered=True, reason="sent", messages=sent)
 
     async def _answer(self, key: str, pending: PendingAnswer) -> Answer:

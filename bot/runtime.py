@@ -47,19 +47,24 @@ class BotRuntime:
 
 
 def create_store(settings: AppSettings) -> Storage:
+    """Memory, or blob: an explicit account URL (with the app's identity), else a connection string
+    (BOT_STATE_CONNECTION_STRING, else the host's AzureWebJobsStorage), else the host's
+    identity-based storage account."""
     if settings.bot_state_store_kind == "memory":
         return MemoryStore()
+    account_url = settings.bot_state_account_url
     secret = settings.bot_state_connection_string or settings.azure_webjobs_storage
-    connection = secret.get_secret_value() if secret else None
-    if settings.bot_state_account_url:
+    if not account_url and not secret and settings.azure_webjobs_storage_account:
+        account_url = f"https://{settings.azure_webjobs_storage_account}.blob.core.windows.net"
+    if account_url:
         from azure.identity.aio import DefaultAzureCredential
 
         return BlobStore(
-            settings.bot_state_container,
-            account_url=settings.bot_state_account_url,
-            credential=DefaultAzureCredential(),
+            settings.bot_state_container, account_url=account_url, credential=DefaultAzureCredential()
         )
-    return BlobStore(settings.bot_state_container, connection_string=connection)
+    return BlobStore(
+        settings.bot_state_container, connection_string=secret.get_secret_value() if secret else None
+    )
 
 
 def create_routes(settings: AppSettings, scoring: ScoringClient) -> dict[str, ChatRoute]:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import time
 import weakref
+from collections import OrderedDict
 from typing import Any
 from urllib.parse import quote
 
@@ -31,13 +32,24 @@ class StorageConflictError(Exception):
 
 
 class MemoryStore(MemoryStorage):
-    """botbuilder's MemoryStorage plus ``claim``; atomic because nothing in it awaits."""
+    """botbuilder's MemoryStorage plus ``claim``; atomic because nothing in it awaits.
+
+    Claims live apart from the items, oldest first, and are forgotten once stale, so a long-running
+    local host does not keep every activity id it ever saw.
+    """
+
+    def __init__(self, dictionary: dict | None = None) -> None:
+        super().__init__(dictionary)
+        self.claims: OrderedDict[str, float] = OrderedDict()
 
     async def claim(self, key: str, value: dict[str, Any], stale_after_s: float) -> bool:
-        held = self.memory.get(key)
-        if isinstance(held, dict) and time.time() - float(held.get("claimed_at", 0)) < stale_after_s:
+        now = time.time()
+        while self.claims and now - next(iter(self.claims.values())) >= stale_after_s:
+            self.claims.popitem(last=False)
+        if key in self.claims and now - self.claims[key] < stale_after_s:
             return False
-        self.memory[key] = {**value, "claimed_at": time.time()}
+        self.claims.pop(key, None)
+        self.claims[key] = now
         return True
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 
 import requests
 from rich.console import Console
@@ -72,8 +73,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         if summary["status"] != "Completed":
             return 1
         endpoint = (summary.get("endpoint") or {}).get("name")
-        if endpoint and not args.no_chat and sys.stdin.isatty():
-            chat_loop(endpoint, console)
+        console.print(f"\nchat in the browser (Bot Framework Web Chat via the bot): [bold]{host.url}/chat[/]")
+        if endpoint and not args.no_chat:
+            if sys.stdin.isatty():
+                console.print("or here in the terminal; leaving the chat stops everything")
+                chat_loop(endpoint, console)
+            else:  # no terminal to chat in: keep serving the page until Ctrl-C
+                console.print("press Ctrl-C to stop")
+                threading.Event().wait()
         return 0
     except KeyboardInterrupt:
         console.print("\ninterrupted")

@@ -47,7 +47,9 @@ def deployment(tmp_path_factory):
     host.settings = AppSettings(PHI3_STATE_DIR=env["PHI3_STATE_DIR"], PHI3_MODELS_DIR=env["PHI3_MODELS_DIR"])
     host.root = root
     try:
-        run = requests.post(f"{host.url}/api/finetune", json={"preset": "smoke"}, timeout=60)
+        # The bot needs the deployment, not the evaluation: skip it to keep the module short.
+        body = {"preset": "smoke", "evaluation": {"enabled": False}}
+        run = requests.post(f"{host.url}/api/finetune", json=body, timeout=60)
         assert run.status_code == 202, run.text
         host.run_id = run.json()["id"]
         summary = _wait_run(host)
@@ -99,7 +101,7 @@ def is_model_answer(text: str) -> bool:
 def test_an_expect_replies_conversation_is_multi_turn_and_status_names_the_run(deployment):
     conversation = f"c-{uuid.uuid4().hex[:8]}"
     first = expect_replies(deployment, "How long do I have to return my Aero purifier?", conversation)
-    assert first[0]["type"] == "typing"
+    assert [a["type"] for a in first] == ["message"]  # no typing: nobody watches buffered replies
     (answer,) = texts(first)
     assert is_model_answer(answer), answer
     (second,) = texts(expect_replies(deployment, "And if it arrived damaged?", conversation))

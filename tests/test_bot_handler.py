@@ -247,10 +247,10 @@ async def test_endpoint_failures_get_a_short_honest_reply_and_are_not_remembered
 
 
 async def test_a_model_that_does_not_answer_in_time_gets_a_timeout_reply(make_bot, model):
-    bot = make_bot(BOT_MODEL_TIMEOUT_S=0.2)
-    model.delay_s = 2
+    bot = make_bot(BOT_MODEL_TIMEOUT_S=0.1)
+    model.delay_s = 0.5
     assert await bot.ask("slow?") == [
-        "The model did not answer within 0.2 seconds. Please try again, perhaps with a shorter question."
+        "The model did not answer within 0.1 seconds. Please try again, perhaps with a shorter question."
     ]
 
 
@@ -323,6 +323,8 @@ async def test_a_slow_answer_is_acknowledged_then_posted_proactively_and_remembe
     assert answer.text == "Answer to: take your time [1 messages]" and answer.reply_to_id == "question-7"
     assert len(model.requests) == 1  # the running call was adopted, not repeated
     bot.adapter.activity_buffer.clear()
+    again = await bot.runtime.proactive.deliver(bot.adapter, reports[0].pending_key)  # a replayed activity
+    assert not again.delivered and bot.adapter.activity_buffer == []
     model.delay_s = 0
     await bot.ask("and then?")
     assert [m["content"] for m in model.last_messages()][:2] == [
@@ -338,3 +340,11 @@ async def test_a_failed_turn_apologises_and_clears_the_conversation_state(bot, m
     assert await bot.ask("and now?") == [APOLOGY]
     assert bot.runtime.store.memory[key] == {}
     assert await bot.ask("fresh start") == ["Answer to: fresh start [1 messages]"]
+
+
+async def test_seen_activity_ids_are_forgotten_once_stale():
+    store = MemoryStore()
+    assert await store.claim("test/activities/c/1", {}, stale_after_s=60)
+    assert not await store.claim("test/activities/c/1", {}, stale_after_s=60)
+    assert await store.claim("test/activities/c/2", {}, stale_after_s=0)  # drops every stale claim
+    assert list(store.claims) == ["test/activities/c/2"]

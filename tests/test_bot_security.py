@@ -38,11 +38,14 @@ class FixedTokenCredentials(MicrosoftAppCredentials):
 class FixedTokenFactory(PasswordServiceClientCredentialFactory):
     """Outbound tokens without Entra ID: the bot's replies carry a fixed bearer."""
 
+    created = 0
+
     async def create_credentials(self, app_id, oauth_scope, login_endpoint, validate_authority):
+        FixedTokenFactory.created += 1
         return FixedTokenCredentials(app_id, "unused", oauth_scope=oauth_scope)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def openid():
     provider = OpenIdProvider().start()
     saved = ChannelValidation.open_id_metadata_endpoint
@@ -116,6 +119,16 @@ async def test_a_valid_channel_token_is_accepted_and_the_reply_carries_the_bots_
     (reply,) = channel.messages()
     assert "/reset" in reply["text"]
     assert channel.authorizations == [f"Bearer {OUTBOUND_TOKEN}"]
+
+
+async def test_connector_and_token_clients_are_built_once_not_per_turn(secured, openid, channel):
+    FixedTokenFactory.created = 0
+    for n in range(3):
+        activity = message_activity("/help", service_url=channel.url, conversation=f"c{n}")
+        response = await post(secured, request(activity, token=openid.token(**good_claims(channel))))
+        assert response.status_code == 201
+    assert len(channel.messages()) == 3
+    assert FixedTokenFactory.created == 2  # one connector client, one user token client
 
 
 async def test_a_request_without_a_token_is_refused(secured, openid, channel):

@@ -10,8 +10,8 @@ from botbuilder.core import TurnContext
 from botbuilder.core.adapters import TestAdapter
 from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, ConversationAccount
 
-from bot.runtime import BotRuntime, create_runtime
-from bot.storage import BlobStore, StorageConflictError, blob_name
+from bot.runtime import BotRuntime, create_runtime, create_store
+from bot.storage import BlobStore, MemoryStore, StorageConflictError, blob_name
 from settings import AppSettings
 from tests.fake_arm.azurite import AzuriteBlob, AzuriteUnavailable
 from tests.support.bot_fakes import StubBackend, StubModel
@@ -122,3 +122,22 @@ async def test_a_retry_arriving_at_another_instance_is_not_answered_again(instan
     assert await _say(a, "once", "act-retry") != []
     assert await _say(b, "once", "act-retry") == []
     assert len(model.requests) == 1
+
+
+def test_the_store_is_memory_locally_and_blob_on_azure():
+    assert isinstance(create_store(AppSettings(PHI3_BACKEND="local")), MemoryStore)
+    on_azure = create_store(
+        AppSettings(PHI3_BACKEND="azure", AzureWebJobsStorage="UseDevelopmentStorage=true")
+    )
+    assert isinstance(on_azure, BlobStore) and on_azure.container == "bot-state"
+    by_identity = create_store(AppSettings(PHI3_BACKEND="azure", AzureWebJobsStorage__accountName="acct"))
+    assert (
+        isinstance(by_identity, BlobStore)
+        and by_identity._account_url == "https://acct.blob.core.windows.net"
+    )
+
+
+def test_a_blob_store_without_any_account_says_which_settings_to_set(monkeypatch):
+    monkeypatch.delenv("AzureWebJobsStorage", raising=False)
+    with pytest.raises(ValueError, match="BOT_STATE_CONNECTION_STRING"):
+        create_store(AppSettings(PHI3_BACKEND="azure"))
