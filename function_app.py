@@ -181,3 +181,8 @@ def _cancel_job(job_name: str | None) -> dict | None:
     except BackendError as exc:
         return {"name": job_name, "error": str(exc)}
     return {"name": job.name, "status": job.status}
+
+
+from pipeline.cleanup import bp as cleanup_bp  # noqa: E402  (the endpoint cleanup timer + POST /api/cleanup)
+
+app.register_functions(cleanup_bp)

@@ -41,6 +41,9 @@ class AppSettings(BaseSettings):
     # How long a setup step (workspace, registry, endpoint, traffic) waits for Azure to finish
     # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
     azure_setup_wait_seconds: float = Field(240.0, gt=0, le=1800, alias="AZURE_SETUP_WAIT_SECONDS")
+    # Evaluation on Azure compares with the base model only when this is on: it deploys the catalog
+    # model beside the fine-tuned one (a second GPU deployment, billed while it exists).
+    azure_evaluate_base_model: bool = Field(False, alias="AZURE_EVALUATE_BASE_MODEL")
 
     # Chat bot -----------------------------------------------------------------------------------
     bot_route: Literal["flow", "direct"] = Field("flow", alias="BOT_ROUTE")
@@ -68,6 +71,8 @@ class AppSettings(BaseSettings):
     bot_state_connection_string: SecretStr | None = Field(None, alias="BOT_STATE_CONNECTION_STRING")
     bot_state_account_url: str | None = Field(None, alias="BOT_STATE_ACCOUNT_URL")
     azure_webjobs_storage: SecretStr | None = Field(None, alias="AzureWebJobsStorage")
+    # Identity-based host storage (no connection string): the account the Function App already uses.
+    azure_webjobs_storage_account: str | None = Field(None, alias="AzureWebJobsStorage__accountName")
 
     @property
     def bot_state_store_kind(self) -> Literal["memory", "blob"]:

@@ -34,7 +34,7 @@ from pipeline.config import RunConfig
 from pipeline.naming import RunNames
 from settings import AppSettings
 
-from . import catalog, data, deploy, finetune, quota, setup
+from . import catalog, connections, data, deploy, finetune, quota, setup
 from .clients import AzureClients, AzureSession, AzureTarget
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 DEFAULT_WORKSPACE = "phi3-finetune"
 SERVERLESS_REGION = "eastus2"
 SERVERLESS_NO_IDENTITY = (
-    "serverless mode: the fine-tune and the serverless endpoint run in Azure AI Foundry's own capacity, so no "
+    "serverless mode: the fine-tune and the serverless endpoint run in Azure AI Foundry's own capacity, "
+    "so no "
     "managed identity or role assignments of ours are involved"
 )
 TARGET_FIELDS = (
@@ -72,7 +73,8 @@ class AzureBackend:
             requested = getattr(cfg.azure, field) if cfg else None
             if requested and configured and requested != configured:
                 raise BackendError(
-                    f"azure.{field} '{requested}' differs from the app setting {setting} '{configured}'; the status "
+                    f"azure.{field} '{requested}' differs from the app setting {setting} '{configured}'; "
+                    "the status "
                     f"polls, the bot and the cleanup timer use the app setting, so change {setting} instead"
                 )
             value = configured or requested or (DEFAULT_WORKSPACE if field == "workspace" else None)
@@ -87,13 +89,17 @@ class AzureBackend:
     def _location(self, cfg: RunConfig) -> str:
         location = cfg.azure.location or self.settings.azure_location
         if not location:
-            raise BackendError("set azure.location or the app setting AZURE_LOCATION (required with PHI3_BACKEND=azure)")
+            raise BackendError(
+                "set azure.location or the app setting AZURE_LOCATION (required with PHI3_BACKEND=azure)"
+            )
         return _region(location)
 
     def _workspace(self, clients: AzureClients) -> setup.WorkspaceInfo:
         found = setup.read_workspace(clients)
         if found is None:
-            raise BackendError(f"workspace '{clients.target.workspace}' does not exist; run the workspace step first")
+            raise BackendError(
+                f"workspace '{clients.target.workspace}' does not exist; run the workspace step first"
+            )
         return found
 
     # setup -------------------------------------------------------------------------------------
@@ -112,7 +118,8 @@ class AzureBackend:
         if cfg.mode == "serverless":
             if model.serverless_regions and location not in model.serverless_regions:
                 raise BackendError(
-                    f"{model.name} v{model.version} deploys serverless fine-tunes only in {', '.join(model.serverless_regions)}"
+                    f"{model.name} v{model.version} deploys serverless fine-tunes only in "
+                    f"{', '.join(model.serverless_regions)}"
                 )
             return details
         component = catalog.pipeline_component(clients, cfg.azure.registry)
@@ -156,7 +163,13 @@ class AzureBackend:
         identity, created = setup.ensure_identity(self._clients(cfg), name, self._location(cfg))
         return SetupResult(
             summary=f"user-assigned identity {name} (principal {identity.principal_id})",
-            details={"identity": {"id": identity.id, "principal_id": identity.principal_id, "client_id": identity.client_id}},
+            details={
+                "identity": {
+                    "id": identity.id,
+                    "principal_id": identity.principal_id,
+                    "client_id": identity.client_id,
+                }
+            },
             created=[ResourceRef(kind="identity", name=name)] if created else [],
         )
 
@@ -178,13 +191,24 @@ class AzureBackend:
             outcome = setup.assign_role(clients, scope, role, identity.principal_id, self.wait_s)
             outcomes[label] = outcome
             if outcome == "created":
-                created.append(ResourceRef(kind="role_assignment", name=setup.role_assignment_name(scope, identity.principal_id, role)))
+                created.append(
+                    ResourceRef(
+                        kind="role_assignment",
+                        name=setup.role_assignment_name(scope, identity.principal_id, role),
+                    )
+                )
         summary = ", ".join(f"{label} ({outcome})" for label, outcome in outcomes.items())
-        return SetupResult(summary=f"roles for {cfg.azure.identity_name}: {summary}", details={"roles": outcomes}, created=created)
+        return SetupResult(
+            summary=f"roles for {cfg.azure.identity_name}: {summary}",
+            details={"roles": outcomes},
+            created=created,
+        )
 
     def check_quota(self, cfg: RunConfig) -> SetupResult:
         if cfg.mode == "serverless":
-            return SetupResult(summary="", skipped="serverless fine-tuning and endpoints use no Azure ML vCPU quota")
+            return SetupResult(
+                summary="", skipped="serverless fine-tuning and endpoints use no Azure ML vCPU quota"
+            )
         lines = quota.check(self._clients(cfg), cfg, self._location(cfg))
         return SetupResult(
             summary="; ".join(f"{line.quota}: {line.free} free ≥ {line.need} needed" for line in lines),
@@ -207,10 +231,17 @@ class AzureBackend:
     # fine-tune ---------------------------------------------------------------------------------
     def ensure_compute(self, cfg: RunConfig) -> ComputeInfo:
         if cfg.mode == "serverless":
-            return ComputeInfo(name="serverless", size="", state="Succeeded", summary="serverless fine-tuning needs no cluster")
+            return ComputeInfo(
+                name="serverless",
+                size="",
+                state="Succeeded",
+                summary="serverless fine-tuning needs no cluster",
+            )
         return finetune.ensure_cluster(self._clients(cfg), cfg, self.wait_s)
 
-    def submit_finetune(self, job_name: str, cfg: RunConfig, data_assets: DataAssets, run_id: str) -> JobState:
+    def submit_finetune(
+        self, job_name: str, cfg: RunConfig, data_assets: DataAssets, run_id: str
+    ) -> JobState:
         clients = self._clients(cfg)
         registry = cfg.azure.registry
 
@@ -222,7 +253,9 @@ class AzureBackend:
             component = catalog.pipeline_component(clients, registry)
             inputs = finetune.component_inputs(cfg.hyperparameters, component)
             gpus = max(1, quota.vm_sizes(clients, self._location(cfg))[cfg.compute.size.lower()].gpus)
-            return finetune.pipeline_job(job_name, run_id, cfg, data_assets, model, component.entity, inputs, gpus)
+            return finetune.pipeline_job(
+                job_name, run_id, cfg, data_assets, model, component.entity, inputs, gpus
+            )
 
         return finetune.submit(clients, job_name, cfg, data_assets, build)
 
@@ -251,7 +284,9 @@ class AzureBackend:
         if cfg.mode == "serverless":
             run_id = tags.get("run-id")
             if not run_id:
-                raise BackendError(f"endpoint '{name}': tags must carry the run-id of the fine-tune it serves")
+                raise BackendError(
+                    f"endpoint '{name}': tags must carry the run-id of the fine-tune it serves"
+                )
             names = RunNames.for_run(run_id, cfg)
             ws = self._workspace(clients)
             model = finetune.serverless_model(clients, names.job, ws.location, ws.workspace_guid or "")
@@ -259,7 +294,9 @@ class AzureBackend:
         identity = setup.read_identity(clients, cfg.azure.identity_name)
         return deploy.ensure_online_endpoint(clients, name, tags, identity.id, self.wait_s)
 
-    def ensure_deployment(self, endpoint: str, deployment: str, model: RegisteredModel, cfg: RunConfig) -> DeploymentState:
+    def ensure_deployment(
+        self, endpoint: str, deployment: str, model: RegisteredModel, cfg: RunConfig
+    ) -> DeploymentState:
         clients = self._clients(cfg)
         if cfg.mode == "serverless":
             return deploy.serverless_deployment(clients, endpoint, deployment)
@@ -267,7 +304,9 @@ class AzureBackend:
 
     def get_deployment(self, endpoint: str, deployment: str) -> DeploymentState:
         clients = self._clients()
-        if deploy.find_online_endpoint(clients, endpoint) is None and deploy.find_serverless_endpoint(clients, endpoint):
+        if deploy.find_online_endpoint(clients, endpoint) is None and deploy.find_serverless_endpoint(
+            clients, endpoint
+        ):
             return deploy.serverless_deployment(clients, endpoint, deployment)
         return deploy.get_online_deployment(clients, endpoint, deployment)
 
@@ -304,7 +343,33 @@ class AzureBackend:
     def delete_endpoint(self, name: str) -> None:
         deploy.delete_endpoint(self._clients(), name, self.wait_s)
 
+    # integrate ---------------------------------------------------------------------------------
+    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
+        clients = self._clients(cfg)
+        ep = deploy.get_endpoint(clients, endpoint)
+        key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
+        outcome = connections.upsert_custom_connection(clients, name, ep.scoring_uri or "", key)
+        return SetupResult(
+            summary=f"workspace connection {name} {outcome} -> {ep.scoring_uri}",
+            details={"connection": {"name": name, "endpoint": ep.scoring_uri, "store": "workspace"}},
+            created=[ResourceRef(kind="connection", name=name)],
+        )
+
+    def delete_promptflow_connection(self, name: str) -> None:
+        connections.delete_connection(self._clients(), name)
+
     # evaluation --------------------------------------------------------------------------------
+    def ensure_base_deployment(
+        self, endpoint: str, deployment: str, job_name: str, model_name: str, cfg: RunConfig
+    ) -> DeploymentState | None:
+        """The catalog model beside the fine-tuned one; only with AZURE_EVALUATE_BASE_MODEL (a 2nd GPU)."""
+        if not self.settings.azure_evaluate_base_model or cfg.mode == "serverless":
+            return None
+        clients = self._clients(cfg)
+        base = catalog.base_model(clients, cfg.azure.registry, cfg.model.name)
+        model = RegisteredModel(name=base.name, version=base.version, uri=base.id)
+        return deploy.ensure_online_deployment(clients, endpoint, deployment, model, cfg, self.wait_s)
+
     def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
         # The evaluation's numbers are in the run summary; Azure ML's MLflow tracking needs azureml-mlflow.
         log.info("evaluation run_id=%s metrics=%s artifacts=%s", run_id, metrics, [a.name for a in artifacts])

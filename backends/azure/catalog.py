@@ -54,17 +54,27 @@ def _list_value(raw: str | None) -> tuple[str, ...]:
     return tuple(part.strip().strip("'\"") for part in text.split(",") if part.strip())
 
 
-def base_model(clients: AzureClients, registry: str, name: str) -> BaseModel:
-    with azure_errors(f"read model '{name}' from the '{registry}' registry"):
+def _latest(clients: AzureClients, registry: str, kind: str, name: str, action: str, missing: str):
+    """The latest version of a registry model/component; a 404 means ``missing``."""
+    with azure_errors(action):
         try:
-            model = clients.registry(registry).models.get(name, label="latest")
+            return getattr(clients.registry(registry), kind).get(name, label="latest")
         except HttpResponseError as exc:
             if exc.status_code != 404:
                 raise
-            raise BackendError(
-                f"model.name '{name}' is not in the '{registry}' registry; use a catalog name such as "
-                "Phi-3-mini-4k-instruct (or fix azure.registry)"
-            ) from None
+            raise BackendError(missing) from None
+
+
+def base_model(clients: AzureClients, registry: str, name: str) -> BaseModel:
+    model = _latest(
+        clients,
+        registry,
+        "models",
+        name,
+        f"read model '{name}' from the '{registry}' registry",
+        f"model.name '{name}' is not in the '{registry}' registry; use a catalog name such as "
+        "Phi-3-mini-4k-instruct (or fix azure.registry)",
+    )
     properties, tags = model.properties or {}, model.tags or {}
     return BaseModel(
         id=model.id,
@@ -76,15 +86,14 @@ def base_model(clients: AzureClients, registry: str, name: str) -> BaseModel:
 
 
 def pipeline_component(clients: AzureClients, registry: str) -> PipelineComponent:
-    with azure_errors(f"read component '{PIPELINE_COMPONENT}' from the '{registry}' registry"):
-        try:
-            component = clients.registry(registry).components.get(PIPELINE_COMPONENT, label="latest")
-        except HttpResponseError as exc:
-            if exc.status_code != 404:
-                raise
-            raise BackendError(
-                f"the '{registry}' registry has no '{PIPELINE_COMPONENT}' component; managed_compute fine-tuning "
-                "needs the azureml system registry (azure.registry: azureml)"
-            ) from None
+    component = _latest(
+        clients,
+        registry,
+        "components",
+        PIPELINE_COMPONENT,
+        f"read component '{PIPELINE_COMPONENT}' from the '{registry}' registry",
+        f"the '{registry}' registry has no '{PIPELINE_COMPONENT}' component; managed_compute fine-tuning "
+        "needs the azureml system registry (azure.registry: azureml)",
+    )
     inputs = {name: dict(spec) for name, spec in (component.inputs or {}).items()}
     return PipelineComponent(id=component.id, version=str(component.version), inputs=inputs, entity=component)

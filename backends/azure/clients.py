@@ -39,7 +39,6 @@ class AzureTarget:
     subscription_id: str
     resource_group: str
     workspace: str
-    location: str | None = None
 
     @property
     def resource_group_id(self) -> str:
@@ -61,7 +60,7 @@ def resolve_cloud(settings: AppSettings) -> AzureCloud:
     url = settings.azure_cloud_metadata_url
     if not url:
         return AzureCloud(resource_manager=PUBLIC_ARM, authority=None)
-    from azure.core.exceptions import AzureError
+    from azure.core.exceptions import HttpResponseError
     from azure.core.pipeline.transport import RequestsTransport
     from azure.core.rest import HttpRequest
     from azure.mgmt.core import ARMPipelineClient
@@ -72,8 +71,8 @@ def resolve_cloud(settings: AppSettings) -> AzureCloud:
         with ARMPipelineClient(base_url=url, policies=[], transport=RequestsTransport()) as client:
             response = client.send_request(HttpRequest("GET", url))
             response.raise_for_status()
-            clouds = response.json()
-    except (AzureError, ValueError) as exc:
+            clouds = response.json()  # a connection failure propagates: the step is retried
+    except HttpResponseError as exc:
         raise BackendError(
             f"cannot read the cloud metadata at ARM_CLOUD_METADATA_URL ({url}): {exc}; "
             "fix the URL or unset it for the Azure public cloud"
@@ -83,7 +82,9 @@ def resolve_cloud(settings: AppSettings) -> AzureCloud:
         None,
     )
     if cloud is None:
-        raise BackendError(f"ARM_CLOUD_METADATA_URL ({url}) lists no cloud whose resourceManager it is served from")
+        raise BackendError(
+            f"ARM_CLOUD_METADATA_URL ({url}) lists no cloud whose resourceManager it is served from"
+        )
     arm = cloud["resourceManager"].rstrip("/") + "/"
     return AzureCloud(resource_manager=arm, authority=cloud["authentication"]["loginEndpoint"])
 
@@ -146,7 +147,9 @@ class AzureClients:
         from azure.ai.ml import MLClient
 
         t = self.target
-        return MLClient(self.credential, t.subscription_id, t.resource_group, t.workspace, **self._ml_options())
+        return MLClient(
+            self.credential, t.subscription_id, t.resource_group, t.workspace, **self._ml_options()
+        )
 
     @cached_property
     def ml_resource_group(self) -> Any:

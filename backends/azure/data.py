@@ -28,11 +28,8 @@ STORAGE_API = "2023-05-01"
 
 
 def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _existing_versions(clients: AzureClients, name: str) -> list:
@@ -44,13 +41,17 @@ def _existing_versions(clients: AzureClients, name: str) -> list:
 
 
 def _asset(data, digest: str) -> DataAsset:
-    return DataAsset(name=data.name, version=str(data.version), uri=f"azureml:{data.name}:{data.version}", sha256=digest)
+    return DataAsset(
+        name=data.name, version=str(data.version), uri=f"azureml:{data.name}:{data.version}", sha256=digest
+    )
 
 
 def _blob_endpoint(clients: AzureClients) -> str:
     workspace = read_workspace(clients)
     if workspace is None or not workspace.storage_account:
-        raise BackendError(f"workspace '{clients.target.workspace}' has no storage account; run the workspace step first")
+        raise BackendError(
+            f"workspace '{clients.target.workspace}' has no storage account; run the workspace step first"
+        )
     with azure_errors("read the workspace storage account"):
         account = clients.resources.resources.get_by_id(workspace.storage_account, api_version=STORAGE_API)
     endpoint = ((account.properties or {}).get("primaryEndpoints") or {}).get("blob")

@@ -1,4 +1,4 @@
-"""Step 4 of the tutorial: online endpoint, deployment, traffic, keys; serverless endpoints; listing for cleanup.
+"""Step 4 of the tutorial: online endpoint, deployment, traffic, keys; serverless endpoints; cleanup listing.
 
 A managed online endpoint carries the user-assigned identity (deployments use it to pull the image
 and read the model) and key auth. A deployment is MLflow no-code (no environment, no scoring
@@ -14,7 +14,14 @@ from datetime import UTC, datetime, timedelta
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
 
-from backends.protocol import BackendError, DeploymentState, EndpointKeys, EndpointState, NotFoundError, RegisteredModel
+from backends.protocol import (
+    BackendError,
+    DeploymentState,
+    EndpointKeys,
+    EndpointState,
+    NotFoundError,
+    RegisteredModel,
+)
 from pipeline.config import RunConfig
 
 from .clients import AzureClients
@@ -25,8 +32,14 @@ log = logging.getLogger(__name__)
 # An LLM's MLflow container takes minutes to load the weights before it answers probes.
 PROBE = {"initial_delay": 600, "period": 100, "timeout": 10, "failure_threshold": 30}
 METRICS_API = "2023-10-01"
-SERVERLESS_STATES = {"succeeded": "Succeeded", "creating": "Creating", "updating": "Updating", "deleting": "Deleting",
-                     "failed": "Failed", "canceled": "Canceled"}
+SERVERLESS_STATES = {
+    "succeeded": "Succeeded",
+    "creating": "Creating",
+    "updating": "Updating",
+    "deleting": "Deleting",
+    "failed": "Failed",
+    "canceled": "Canceled",
+}
 
 
 def _state(value: str | None) -> str:
@@ -36,7 +49,9 @@ def _state(value: str | None) -> str:
 
 def _created_at(entity) -> str | None:
     system = getattr(entity, "system_data", None) or getattr(entity, "properties", {}) or {}
-    created = getattr(system, "created_at", None) or (system.get("createdAt") if isinstance(system, dict) else None)
+    created = getattr(system, "created_at", None) or (
+        system.get("createdAt") if isinstance(system, dict) else None
+    )
     return created.isoformat() if isinstance(created, datetime) else created
 
 
@@ -69,7 +84,11 @@ def _endpoint_provisioning(clients: AzureClients, name: str) -> tuple[str, str |
 def ensure_online_endpoint(
     clients: AzureClients, name: str, tags: dict[str, str], identity_id: str, budget_s: float
 ) -> EndpointState:
-    from azure.ai.ml.entities import IdentityConfiguration, ManagedIdentityConfiguration, ManagedOnlineEndpoint
+    from azure.ai.ml.entities import (
+        IdentityConfiguration,
+        ManagedIdentityConfiguration,
+        ManagedOnlineEndpoint,
+    )
 
     action = f"create endpoint '{name}'"
     if find_online_endpoint(clients, name) is None:
@@ -79,17 +98,22 @@ def ensure_online_endpoint(
             description="Phi-3 fine-tuned chat model (phi3-finetune-functions)",
             tags=tags,
             identity=IdentityConfiguration(
-                type="user_assigned", user_assigned_identities=[ManagedIdentityConfiguration(resource_id=identity_id)]
+                type="user_assigned",
+                user_assigned_identities=[ManagedIdentityConfiguration(resource_id=identity_id)],
             ),
         )
         with azure_errors(action):
             try:
                 clients.ml.online_endpoints.begin_create_or_update(endpoint)
             except ResourceExistsError as exc:
-                raise BackendError(
-                    f"{action}: the name is taken in this region (endpoint names are unique per region across all "
-                    f"of Azure: {describe(exc, 200)}); set deployment.endpoint_name to another prefix"
-                ) from None
+                # Either our own PUT landed and its answer was lost (the endpoint is ours now), or the
+                # name belongs to someone else in this region.
+                if find_online_endpoint(clients, name) is None:
+                    raise BackendError(
+                        f"{action}: the name is taken in this region (endpoint names are unique per region "
+                        "across "
+                        f"all of Azure: {describe(exc, 200)}); set deployment.endpoint_name to another prefix"
+                    ) from None
     with azure_errors(action):
         wait_until(f"endpoint '{name}'", lambda: _endpoint_provisioning(clients, name), budget_s=budget_s)
         return endpoint_state(clients.ml.online_endpoints.get(name))
@@ -97,7 +121,11 @@ def ensure_online_endpoint(
 
 def _deployment_state(dep, endpoint: str, error: str | None = None) -> DeploymentState:
     return DeploymentState(
-        endpoint=endpoint, name=dep.name, provisioning_state=_state(dep.provisioning_state), model=dep.model, error=error
+        endpoint=endpoint,
+        name=dep.name,
+        provisioning_state=_state(dep.provisioning_state),
+        model=dep.model,
+        error=error,
     )
 
 
@@ -109,9 +137,13 @@ def ensure_online_deployment(
     action = f"create deployment '{name}' on endpoint '{endpoint}'"
     with azure_errors(action):
         if find_online_endpoint(clients, endpoint) is None:
-            raise NotFoundError(f"{action}: endpoint '{endpoint}' does not exist; run the endpoint step first")
+            raise NotFoundError(
+                f"{action}: endpoint '{endpoint}' does not exist; run the endpoint step first"
+            )
         # A deployment PUT is refused while its endpoint is still being created or updated.
-        wait_until(f"endpoint '{endpoint}'", lambda: _endpoint_provisioning(clients, endpoint), budget_s=budget_s)
+        wait_until(
+            f"endpoint '{endpoint}'", lambda: _endpoint_provisioning(clients, endpoint), budget_s=budget_s
+        )
         try:
             existing = clients.ml.online_deployments.get(name, endpoint)
         except ResourceNotFoundError:
@@ -131,7 +163,14 @@ def ensure_online_deployment(
             readiness_probe=ProbeSettings(**PROBE),
             tags={"model": f"{model.name}:{model.version}"},
         )
-        clients.ml.online_deployments.begin_create_or_update(spec)
+        try:
+            clients.ml.online_deployments.begin_create_or_update(spec)
+        except ResourceExistsError:
+            log.info(
+                "deployment %s/%s is already being created (a retried request); reading it back",
+                endpoint,
+                name,
+            )
         return _deployment_state(clients.ml.online_deployments.get(name, endpoint), endpoint)
 
 
@@ -155,18 +194,27 @@ def _log_tail(clients: AzureClients, endpoint: str, name: str) -> str:
     return " | ".join(line for line in logs.splitlines()[-5:] if line.strip())[:600] or "(no logs)"
 
 
-def set_online_traffic(clients: AzureClients, endpoint: str, traffic: dict[str, int], budget_s: float) -> EndpointState:
+def set_online_traffic(
+    clients: AzureClients, endpoint: str, traffic: dict[str, int], budget_s: float
+) -> EndpointState:
     action = f"route traffic {traffic} on endpoint '{endpoint}'"
     with azure_errors(action):
         for name, share in traffic.items():
             state = get_online_deployment(clients, endpoint, name).provisioning_state
             if share > 0 and state != "Succeeded":
-                raise BackendError(f"{action}: deployment '{name}' is {state}; traffic only goes to a deployment that succeeded")
+                raise BackendError(
+                    f"{action}: deployment '{name}' is {state}; traffic only goes to a deployment that "
+                    "succeeded"
+                )
         ep = clients.ml.online_endpoints.get(endpoint)
         if {k: int(v) for k, v in (ep.traffic or {}).items() if v} != {k: v for k, v in traffic.items() if v}:
             ep.traffic = dict(traffic)
             clients.ml.online_endpoints.begin_create_or_update(ep)  # full PUT carrying the traffic split
-        wait_until(f"endpoint '{endpoint}' applying traffic", lambda: _endpoint_provisioning(clients, endpoint), budget_s=budget_s)
+        wait_until(
+            f"endpoint '{endpoint}' applying traffic",
+            lambda: _endpoint_provisioning(clients, endpoint),
+            budget_s=budget_s,
+        )
         return endpoint_state(clients.ml.online_endpoints.get(endpoint))
 
 
@@ -226,7 +274,9 @@ def serverless_deployment(clients: AzureClients, endpoint: str, name: str) -> De
         raise NotFoundError(f"no serverless endpoint named '{endpoint}'")
     state = _state(found.provisioning_state)
     error = f"serverless endpoint '{endpoint}' ended {state}" if state == "Failed" else None
-    return DeploymentState(endpoint=endpoint, name=name, provisioning_state=state, model=found.model_id, error=error)
+    return DeploymentState(
+        endpoint=endpoint, name=name, provisioning_state=state, model=found.model_id, error=error
+    )
 
 
 # every endpoint: read, keys, list, delete ---------------------------------------------------------
@@ -263,7 +313,7 @@ def list_endpoints(clients: AzureClients, idle_window: timedelta | None = None) 
 
 
 def last_request_at(clients: AzureClients, name: str, window: timedelta) -> str | None:
-    """The newest minute with requests, from Azure Monitor's RequestsPerMinute metric (every caller counts)."""
+    """The newest minute with requests, from Azure Monitor's RequestsPerMinute (every caller counts)."""
     t = clients.target
     resource = (
         f"/subscriptions/{t.subscription_id}/resourceGroups/{t.resource_group}/providers/"
@@ -309,5 +359,7 @@ def delete_endpoint(clients: AzureClients, name: str, budget_s: float) -> None:
         except HttpResponseError as exc:
             if error_code(exc) != "Conflict":
                 raise
-            raise ProvisioningPending(f"endpoint '{name}' is busy ({describe(exc, 120)}); try again later") from None
+            raise ProvisioningPending(
+                f"endpoint '{name}' is busy ({describe(exc, 120)}); try again later"
+            ) from None
         wait_until(f"deleting endpoint '{name}'", gone, budget_s=budget_s, done=frozenset({"Gone"}))

@@ -30,7 +30,7 @@ PERMISSIONS_HELP = (
 )
 ADVICE = {
     "AuthorizationFailed": f"the identity running the app is not allowed to do this; {PERMISSIONS_HELP}",
-    "LinkedAuthorizationFailed": f"the identity running the app is not allowed to do this; {PERMISSIONS_HELP}",
+    "LinkedAuthorizationFailed": f"the identity running the app may not do this; {PERMISSIONS_HELP}",
     "SubscriptionNotFound": "the subscription does not exist or this identity cannot see it; check "
     "AZURE_SUBSCRIPTION_ID / azure.subscription_id",
     "InvalidSubscriptionId": "check AZURE_SUBSCRIPTION_ID / azure.subscription_id (a GUID)",
@@ -67,7 +67,11 @@ def azure_errors(action: str) -> Iterator[None]:
 
     try:
         yield
-    except (ResourceNotFoundError, ResourceExistsError, ProvisioningPending, BackendError):
+    except ResourceNotFoundError as exc:
+        if error_code(exc) == "SubscriptionNotFound":  # nothing to create: the whole target is wrong
+            raise BackendError(f"{action}: {describe(exc, 200)}; {ADVICE['SubscriptionNotFound']}") from None
+        raise  # the caller's get-or-create logic decides
+    except (ResourceExistsError, ProvisioningPending, BackendError):
         raise  # the caller's get-or-create logic decides
     except ClientAuthenticationError as exc:
         raise BackendError(
@@ -113,7 +117,8 @@ def wait_until(
             raise BackendError(f"{what} ended {state}" + (f": {error}" if error else ""))
         if time.monotonic() >= deadline:
             raise ProvisioningPending(
-                f"{what} is still {state} after {budget_s:.0f} s (AZURE_SETUP_WAIT_SECONDS); the step will be "
+                f"{what} is still {state} after {budget_s:.0f} s (AZURE_SETUP_WAIT_SECONDS); the step will "
+                "be "
                 "retried and picks it up where it is"
             )
         log.info("waiting for %s (%s)", what, state)

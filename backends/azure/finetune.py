@@ -54,39 +54,69 @@ def _cluster_state(clients: AzureClients, name: str) -> tuple[str, str | None]:
 
 
 def ensure_cluster(clients: AzureClients, cfg: RunConfig, budget_s: float) -> ComputeInfo:
-    from azure.ai.ml.entities import AmlCompute
-
+    """Get-or-create the cluster; one that is (or ends up) Failed is deleted and created once more."""
     spec = cfg.compute
     created: list[ResourceRef] = []
     with azure_errors(f"create compute cluster '{spec.name}'"):
-        try:
-            existing = clients.ml.compute.get(spec.name)
-        except ResourceNotFoundError:
-            existing = None
-        if existing is not None and (existing.provisioning_state or "").lower() == "failed":
-            log.warning("compute cluster %s is Failed; deleting and recreating it", spec.name)
-            clients.ml.compute.begin_delete(spec.name)
-            wait_until(f"deleting failed cluster '{spec.name}'", lambda: _gone(clients, spec.name), budget_s=budget_s, done=frozenset({"Gone"}))
-            existing = None
-        if existing is not None and existing.size and existing.size.lower() != spec.size.lower():
-            raise BackendError(
-                f"compute cluster '{spec.name}' exists with size {existing.size}, not {spec.size}; set compute.name "
-                "to a new cluster name or compute.size to the existing size"
+        for attempt in (1, 2):
+            try:
+                existing = clients.ml.compute.get(spec.name)
+            except ResourceNotFoundError:
+                existing = None
+            if existing is not None and (existing.provisioning_state or "").lower() == "failed":
+                log.warning("compute cluster %s is Failed; deleting and recreating it", spec.name)
+                _delete_cluster(clients, spec.name, budget_s)
+                existing = None
+            if existing is not None and existing.size and existing.size.lower() != spec.size.lower():
+                raise BackendError(
+                    f"compute cluster '{spec.name}' exists with size {existing.size}, not {spec.size}; set "
+                    "compute.name to a new cluster name or compute.size to the existing size"
+                )
+            if existing is None:
+                _create_cluster(clients, cfg)
+                created.append(ResourceRef(kind="compute", name=spec.name))
+            state = wait_until(
+                f"compute cluster '{spec.name}'",
+                lambda: _cluster_state(clients, spec.name),
+                budget_s=budget_s,
+                done=frozenset({"Succeeded", "Failed"}),
             )
-        if existing is None:
-            cluster = AmlCompute(
-                name=spec.name,
-                size=spec.size,
-                tier="Dedicated",
-                min_instances=spec.min_instances,
-                max_instances=spec.max_instances,
-                idle_time_before_scale_down=spec.idle_time_before_scale_down,
-            )
-            clients.ml.compute.begin_create_or_update(cluster)
-            created.append(ResourceRef(kind="compute", name=spec.name))
-        state = wait_until(f"compute cluster '{spec.name}'", lambda: _cluster_state(clients, spec.name), budget_s=budget_s)
-    summary = f"cluster {spec.name}: {spec.size}, {spec.min_instances}..{spec.max_instances} nodes, idle {spec.idle_time_before_scale_down} s"
-    return ComputeInfo(name=spec.name, size=spec.size, state=state, summary=summary, created=created)
+            if state == "Succeeded":
+                break
+            if attempt == 2:
+                _, error = _cluster_state(clients, spec.name)
+                raise BackendError(f"compute cluster '{spec.name}' failed to provision twice: {error}")
+    nodes = f"{spec.min_instances}..{spec.max_instances} nodes"
+    summary = f"cluster {spec.name}: {spec.size}, {nodes}, idle {spec.idle_time_before_scale_down} s"
+    return ComputeInfo(name=spec.name, size=spec.size, state=state, summary=summary, created=created[:1])
+
+
+def _create_cluster(clients: AzureClients, cfg: RunConfig) -> None:
+    from azure.ai.ml.entities import AmlCompute
+
+    spec = cfg.compute
+    cluster = AmlCompute(
+        name=spec.name,
+        size=spec.size,
+        tier="Dedicated",
+        min_instances=spec.min_instances,
+        max_instances=spec.max_instances,
+        idle_time_before_scale_down=spec.idle_time_before_scale_down,
+    )
+    try:
+        clients.ml.compute.begin_create_or_update(cluster)
+    except ResourceExistsError:
+        log.info("cluster %s is already being created (a retried request)", spec.name)
+
+
+def _delete_cluster(clients: AzureClients, name: str, budget_s: float) -> None:
+    clients.ml.compute.begin_delete(name)
+    wait_until(
+        f"deleting failed cluster '{name}'",
+        lambda: _gone(clients, name),
+        budget_s=budget_s,
+        done=frozenset({"Gone"}),
+    )
 
 
 def _gone(clients: AzureClients, name: str) -> tuple[str, str | None]:
@@ -98,7 +128,7 @@ def _gone(clients: AzureClients, name: str) -> tuple[str, str | None]:
 
 # job submission ---------------------------------------------------------------------------------
 def component_inputs(hp: Hyperparameters, component: PipelineComponent) -> dict:
-    """Our hyperparameters as component inputs; one the component does not declare is an error unless unset."""
+    """Our hyperparameters as component inputs; an undeclared one is an error unless left at its default."""
     defaults = Hyperparameters()
     values, refused = {}, []
     for ours, theirs in COMPONENT_INPUT_NAMES.items():
@@ -111,7 +141,8 @@ def component_inputs(hp: Hyperparameters, component: PipelineComponent) -> dict:
     if refused:
         raise BackendError(
             f"{', '.join(refused)}: not an input of {component.id}; its inputs are "
-            f"{', '.join(sorted(component.inputs))}. Leave these hyperparameters at their defaults for managed_compute."
+            f"{', '.join(sorted(component.inputs))}. Leave these hyperparameters at their defaults for "
+            "managed_compute."
         )
     return values
 
@@ -147,7 +178,14 @@ def submit(clients: AzureClients, job_name: str, cfg: RunConfig, data: DataAsset
 
 
 def pipeline_job(
-    job_name: str, run_id: str, cfg: RunConfig, data: DataAssets, model: BaseModel, component, inputs: dict, gpus: int
+    job_name: str,
+    run_id: str,
+    cfg: RunConfig,
+    data: DataAssets,
+    model: BaseModel,
+    component,
+    inputs: dict,
+    gpus: int,
 ):
     from azure.ai.ml import Input
     from azure.ai.ml.dsl import pipeline
@@ -179,7 +217,9 @@ def pipeline_job(
     return job
 
 
-def serverless_job(job_name: str, run_id: str, cfg: RunConfig, data: DataAssets, model: BaseModel, model_name: str):
+def serverless_job(
+    job_name: str, run_id: str, cfg: RunConfig, data: DataAssets, model: BaseModel, model_name: str
+):
     from azure.ai.ml.finetuning import FineTuningTaskType, create_finetuning_job
 
     hp = cfg.hyperparameters
@@ -190,7 +230,7 @@ def serverless_job(job_name: str, run_id: str, cfg: RunConfig, data: DataAssets,
         model=model.id,
         task=FineTuningTaskType.CHAT_COMPLETION,
         training_data=data.train.uri,
-        # Always given: without it azure-ai-ml 1.35 raises UnboundLocalError (Azure/azure-sdk-for-python#45771).
+        # Always given: azure-ai-ml 1.35 raises UnboundLocalError without it (azure-sdk-for-python#45771).
         validation_data=data.validation.uri,
         hyperparameters=hyper,
         output_model_name_prefix=model_name,
@@ -211,7 +251,9 @@ def get_job(clients: AzureClients, job_name: str) -> JobState:
         try:
             return job_state(clients.ml.jobs.get(job_name))
         except ResourceNotFoundError as exc:
-            raise not_found(f"no fine-tune job named '{job_name}' in workspace '{clients.target.workspace}'", exc) from None
+            raise not_found(
+                f"no fine-tune job named '{job_name}' in workspace '{clients.target.workspace}'", exc
+            ) from None
 
 
 def cancel_job(clients: AzureClients, job_name: str) -> JobState:
@@ -224,13 +266,17 @@ def cancel_job(clients: AzureClients, job_name: str) -> JobState:
 
 
 # the fine-tuned model ----------------------------------------------------------------------------
-def register_pipeline_model(clients: AzureClients, job_name: str, model_name: str, tags: dict[str, str]) -> RegisteredModel:
+def register_pipeline_model(
+    clients: AzureClients, job_name: str, model_name: str, tags: dict[str, str]
+) -> RegisteredModel:
     from azure.ai.ml.constants import AssetTypes
     from azure.ai.ml.entities import Model
 
     job = get_job(clients, job_name)
     if job.status != "Completed":
-        raise BackendError(f"job '{job_name}' is {job.status}; only a Completed job's model can be registered")
+        raise BackendError(
+            f"job '{job_name}' is {job.status}; only a Completed job's model can be registered"
+        )
     version = "1"  # one model name per run (the name carries the run's hash)
     with azure_errors(f"register model {model_name}:{version}"):
         try:
@@ -249,11 +295,16 @@ def register_pipeline_model(clients: AzureClients, job_name: str, model_name: st
             except ResourceExistsError:
                 model = clients.ml.models.get(model_name, version=version)
     if (model.tags or {}).get("job_name") != job_name:
-        raise BackendError(f"model {model_name}:{version} exists but was not made by job {job_name}; delete it or use a new run id")
+        raise BackendError(
+            f"model {model_name}:{version} exists but was not made by job {job_name}; delete it or use a "
+            "new run id"
+        )
     return RegisteredModel(name=model_name, version=version, uri=model.id)
 
 
-def serverless_model(clients: AzureClients, job_name: str, location: str, workspace_guid: str) -> RegisteredModel:
+def serverless_model(
+    clients: AzureClients, job_name: str, location: str, workspace_guid: str
+) -> RegisteredModel:
     """The model a serverless fine-tune registered itself (its output ``registered_model``)."""
     with azure_errors(f"read job '{job_name}'"):
         job = clients.ml.jobs.get(job_name)

@@ -59,12 +59,16 @@ class QuotaLine:
         return self.limit < 0 or self.free >= self.need  # -1 = unlimited
 
     def describe(self) -> str:
-        parts = "; ".join(f"{n.purpose} {n.instances} × {n.sku.vcpus} vCPUs ({n.sku.name})" for n in self.needs)
-        return f"{self.quota}: {self.used}/{self.limit} used, {self.free} free, run needs {self.need} ({parts})"
+        parts = "; ".join(
+            f"{n.purpose} {n.instances} × {n.sku.vcpus} vCPUs ({n.sku.name})" for n in self.needs
+        )
+        return (
+            f"{self.quota}: {self.used}/{self.limit} used, {self.free} free, run needs {self.need} ({parts})"
+        )
 
 
 def _field(entity, snake: str, wire: str):
-    """azure-ai-ml 1.35 copies the wire dict onto VmSize/Usage entities: ``vCPUs`` is set, ``v_cp_us`` None."""
+    """azure-ai-ml 1.35 copies the wire dict onto VmSize/Usage entities: ``vCPUs`` set, ``v_cp_us`` None."""
     value = getattr(entity, snake, None)
     return value if value is not None else vars(entity).get(wire)
 
@@ -97,7 +101,8 @@ def require_sku(sizes: dict[str, VmSku], name: str, field_name: str, location: s
     if sku is None:
         gpu = sorted(s.name for s in sizes.values() if s.gpus > 0)
         raise BackendError(
-            f"{field_name} '{name}' is not an Azure ML VM size in {location} (Standard_NC6s_v3 was retired on "
+            f"{field_name} '{name}' is not an Azure ML VM size in {location} (Standard_NC6s_v3 was "
+            "retired on "
             f"2025-09-30); GPU sizes offered there: {', '.join(gpu) or 'none'}"
         )
     return sku
@@ -119,7 +124,9 @@ def _combined(group: list[Need], scales_to_zero: bool) -> int:
     return max(vcpus) if scales_to_zero else sum(vcpus)
 
 
-def quota_lines(clients: AzureClients, cfg: RunConfig, location: str, run_needs: list[Need]) -> list[QuotaLine]:
+def quota_lines(
+    clients: AzureClients, cfg: RunConfig, location: str, run_needs: list[Need]
+) -> list[QuotaLine]:
     with azure_errors(f"read Azure ML quota in {location}"):
         usages = list(clients.ml.compute.list_usage(location=location))
     rows = {_norm(_usage_name(u)): u for u in usages}

@@ -51,7 +51,9 @@ def registry_name(clients: AzureClients) -> str:
     """Registry names are global DNS names (5–50 alphanumerics): the workspace's plus a stable hash."""
     t = clients.target
     base = re.sub(r"[^a-z0-9]", "", t.workspace.lower())[:30] or "phi3"
-    digest = hashlib.sha256(f"{t.subscription_id}/{t.resource_group}/{t.workspace}".lower().encode()).hexdigest()
+    digest = hashlib.sha256(
+        f"{t.subscription_id}/{t.resource_group}/{t.workspace}".lower().encode()
+    ).hexdigest()
     return f"{base}{digest[:8]}"
 
 
@@ -83,7 +85,9 @@ def ensure_container_registry(clients: AzureClients, location: str, budget_s: fl
         try:
             registry = registries.get(rg, name)
         except ResourceNotFoundError:
-            spec = Registry(location=location, sku=Sku(name="Basic"), admin_user_enabled=False, tags=MANAGED_BY_TAG)
+            spec = Registry(
+                location=location, sku=Sku(name="Basic"), admin_user_enabled=False, tags=MANAGED_BY_TAG
+            )
             registries.begin_create(rg, name, spec, polling=False)  # no poller thread; we poll below
             registry = None
         if registry is None or registry.provisioning_state != "Succeeded":
@@ -130,7 +134,9 @@ def _running(deployments: list[dict]) -> dict | None:
 
 
 def _deployment_state(clients: AzureClients, deployment_id: str) -> tuple[str, str | None]:
-    response = clients.resources.send_request(HttpRequest("GET", f"{deployment_id}?api-version={DEPLOYMENTS_API}"))
+    response = clients.resources.send_request(
+        HttpRequest("GET", f"{deployment_id}?api-version={DEPLOYMENTS_API}")
+    )
     response.raise_for_status()
     props = response.json().get("properties", {})
     error = props.get("error")
@@ -149,7 +155,10 @@ def _ensure_named_workspace(
         in_flight = _running(_template_deployments(clients, name))
         if in_flight is None:
             # Returns at once (the template runs in Azure); the running deployment is waited on below.
-            clients.ml_resource_group.workspaces.begin_create(make_entity())
+            try:
+                clients.ml_resource_group.workspaces.begin_create(make_entity())
+            except ResourceExistsError:
+                log.info("a template deployment of workspace %s is already running (a retried request)", name)
             created = True
             in_flight = _running(_template_deployments(clients, name))
         if in_flight is not None:
@@ -179,7 +188,8 @@ def ensure_workspace(
         existing = read_workspace(clients)
         if existing is not None and existing.kind != "project":
             raise BackendError(
-                f"serverless fine-tuning needs an Azure AI Foundry project, but '{name}' is a {existing.kind} "
+                f"serverless fine-tuning needs an Azure AI Foundry project, but '{name}' is a "
+                f"{existing.kind} "
                 "workspace; set AZURE_ML_WORKSPACE to a project in eastus2 (or a new name to create one)"
             )
         hub_name = f"{name}-hub"
@@ -189,7 +199,11 @@ def ensure_workspace(
         project, project_created = _ensure_named_workspace(
             clients, name, lambda: Project(name=name, hub_id=hub.id, location=location, tags=tags), budget_s
         )
-        created += [ResourceRef(kind="workspace", name=n) for n, c in ((hub_name, hub_created), (name, project_created)) if c]
+        created += [
+            ResourceRef(kind="workspace", name=n)
+            for n, c in ((hub_name, hub_created), (name, project_created))
+            if c
+        ]
         return project, created
 
     def new_workspace() -> Workspace:
@@ -207,11 +221,15 @@ def ensure_workspace(
     if was_created:
         created.append(ResourceRef(kind="workspace", name=name))
     if not workspace.container_registry:
-        workspace = _attach_registry(clients, workspace, ensure_container_registry(clients, location, budget_s), budget_s)
+        workspace = _attach_registry(
+            clients, workspace, ensure_container_registry(clients, location, budget_s), budget_s
+        )
     return workspace, created
 
 
-def _attach_registry(clients: AzureClients, ws: WorkspaceInfo, registry_id: str, budget_s: float) -> WorkspaceInfo:
+def _attach_registry(
+    clients: AzureClients, ws: WorkspaceInfo, registry_id: str, budget_s: float
+) -> WorkspaceInfo:
     from azure.ai.ml.entities import Workspace
 
     with azure_errors(f"attach container registry to workspace '{ws.name}'"):
@@ -259,7 +277,8 @@ def read_identity(clients: AzureClients, name: str) -> IdentityInfo:
             found = clients.identities.user_assigned_identities.get(clients.target.resource_group, name)
         except ResourceNotFoundError:
             raise BackendError(
-                f"user-assigned identity '{name}' does not exist; the identity step creates it — run the whole "
+                f"user-assigned identity '{name}' does not exist; the identity step creates it — run the "
+                "whole "
                 "pipeline (or check azure.identity_name)"
             ) from None
     return IdentityInfo(id=found.id, principal_id=found.principal_id, client_id=found.client_id)
@@ -274,7 +293,10 @@ def assign_role(clients: AzureClients, scope: str, role: str, principal_id: str,
     """'created' or 'existed'. Retries PrincipalNotFound: a new identity takes a while to replicate."""
     from azure.mgmt.authorization.models import RoleAssignmentCreateParameters
 
-    definition = f"/subscriptions/{clients.target.subscription_id}/providers/Microsoft.Authorization/roleDefinitions/{role}"
+    roles = (
+        f"/subscriptions/{clients.target.subscription_id}/providers/Microsoft.Authorization/roleDefinitions"
+    )
+    definition = f"{roles}/{role}"
     params = RoleAssignmentCreateParameters(
         role_definition_id=definition, principal_id=principal_id, principal_type="ServicePrincipal"
     )
@@ -295,7 +317,8 @@ def assign_role(clients: AzureClients, scope: str, role: str, principal_id: str,
                     raise
             if time.monotonic() + delay > deadline:
                 raise ProvisioningPending(
-                    f"identity {principal_id} has not replicated to Entra ID yet (PrincipalNotFound); retrying the step"
+                    f"identity {principal_id} has not replicated to Entra ID yet (PrincipalNotFound); "
+                    "retrying the step"
                 ) from None
             log.info("principal %s not replicated yet; retrying in %.1f s", principal_id, delay)
             time.sleep(delay)

@@ -65,7 +65,12 @@ def register(fake: FakeAzure) -> None:
     s.add("resource-group", "PUT", RG, lambda r, m: _put_group(fake, r, m))
     deployments = RG + r"/providers/Microsoft\.Resources/deployments"
     s.add("template-deployments", "GET", deployments, lambda r, m: _list_deployments(fake, m))
-    s.add("template-deployment", "PUT", deployments + r"/(?P<name>[^/]+)", lambda r, m: _put_deployment(fake, r, m))
+    s.add(
+        "template-deployment",
+        "PUT",
+        deployments + r"/(?P<name>[^/]+)",
+        lambda r, m: _put_deployment(fake, r, m),
+    )
     s.add("template-deployment", "GET", deployments + r"/(?P<name>[^/]+)", lambda r, m: _get(fake, r.path))
     for operations in (deployments, RG + r"/deployments"):  # the SDK's vendored client uses the old path too
         s.add(
@@ -79,7 +84,12 @@ def register(fake: FakeAzure) -> None:
     s.add("identity", "GET", identity, lambda r, m: _get(fake, r.path, "user assigned identity"))
     roles = r"(?P<scope>/subscriptions/.+?)/providers/Microsoft\.Authorization/roleAssignments"
     s.add("role-assignment", "PUT", roles + r"/(?P<name>[^/]+)", lambda r, m: _put_role(fake, r, m))
-    s.add("role-assignment", "GET", roles + r"/(?P<name>[^/]+)", lambda r, m: _get(fake, r.path, "role assignment"))
+    s.add(
+        "role-assignment",
+        "GET",
+        roles + r"/(?P<name>[^/]+)",
+        lambda r, m: _get(fake, r.path, "role assignment"),
+    )
     s.add("role-assignments", "GET", roles, lambda r, m: _list_roles(fake, r, m))
     acr = RG + r"/providers/Microsoft\.ContainerRegistry/registries/(?P<name>[^/]+)"
     s.add("container-registry", "PUT", acr, lambda r, m: _put_registry(fake, r, m))
@@ -89,8 +99,18 @@ def register(fake: FakeAzure) -> None:
         ("key-vault", r"Microsoft\.KeyVault/vaults"),
         ("app-insights", r"Microsoft\.Insights/components"),
     ):
-        s.add(kind, "GET", RG + rf"/providers/{provider}/(?P<name>[^/]+)", lambda r, m, k=kind: _get(fake, r.path, k))
-    s.add("metrics", "GET", r"(?P<resource>/subscriptions/.+?)/providers/microsoft\.insights/metrics", lambda r, m: _metrics(fake, r, m))
+        s.add(
+            kind,
+            "GET",
+            RG + rf"/providers/{provider}/(?P<name>[^/]+)",
+            lambda r, m, k=kind: _get(fake, r.path, k),
+        )
+    s.add(
+        "metrics",
+        "GET",
+        r"(?P<resource>/subscriptions/.+?)/providers/microsoft\.insights/metrics",
+        lambda r, m: _metrics(fake, r, m),
+    )
 
 
 def _get(fake: FakeAzure, path: str, kind: str = "resource") -> Response:
@@ -114,7 +134,8 @@ def _put_group(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     existing = fake.store.find(rid)
     if existing and existing["location"] != region:
         raise ArmError(
-            409, "InvalidResourceGroupLocation",
+            409,
+            "InvalidResourceGroupLocation",
             f"Invalid resource group location '{region}'. The Resource group already exists in location "
             f"'{existing['location']}'.",
         )
@@ -149,11 +170,23 @@ def _put_deployment(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     if not props.get("template") or not _param(params, "workspaceName"):
         raise ArmError(400, "InvalidTemplate", "the fake deploys only azure-ai-ml's workspace template")
     rid = m.group(0)
+    running = fake.store.find(rid)
+    if running and running["properties"]["provisioningState"] == "Running":
+        raise ArmError(
+            409,
+            "DeploymentActive",
+            f"Unable to edit or replace deployment '{m['name']}': previous deployment is still active.",
+        )
     deployment = {
         "id": rid,
         "name": m["name"],
         "type": "Microsoft.Resources/deployments",
-        "properties": {"provisioningState": "Running", "timestamp": now_iso(), "duration": "PT1S", "mode": "Incremental"},
+        "properties": {
+            "provisioningState": "Running",
+            "timestamp": now_iso(),
+            "duration": "PT1S",
+            "mode": "Incremental",
+        },
     }
     fake.store.put(rid, deployment)
     from .workspace import create_workspace_from_template
@@ -179,8 +212,12 @@ def _put_identity(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         "clientId": str(uuid.uuid4()),
     }
     identity = arm_body(
-        rid, "Microsoft.ManagedIdentity/userAssignedIdentities", {}, location=region,
-        tags=body.get("tags") or {}, properties=props,
+        rid,
+        "Microsoft.ManagedIdentity/userAssignedIdentities",
+        {},
+        location=region,
+        tags=body.get("tags") or {},
+        properties=props,
     )
     fake.store.put(rid, identity)
     if not existing:
@@ -193,40 +230,79 @@ def _put_role(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     scope, name = m["scope"], m["name"]
     check_subscription(fake, scope.split("/")[2])
     if not GUID.match(name):
-        raise ArmError(400, "InvalidRoleAssignmentId", f"The role assignment ID '{name}' is not valid. The role assignment ID must be a GUID.")
+        raise ArmError(
+            400,
+            "InvalidRoleAssignmentId",
+            f"The role assignment ID '{name}' is not valid. The role assignment ID must be a GUID.",
+        )
     props = req.json().get("properties") or {}
     definition = props.get("roleDefinitionId") or ""
-    role = re.fullmatch(r"/subscriptions/([^/]+)/providers/Microsoft\.Authorization/roleDefinitions/([^/]+)", definition, re.IGNORECASE)
+    role = re.fullmatch(
+        r"/subscriptions/([^/]+)/providers/Microsoft\.Authorization/roleDefinitions/([^/]+)",
+        definition,
+        re.IGNORECASE,
+    )
     if not role or role.group(2).lower() not in BUILTIN_ROLES:
-        raise ArmError(400, "RoleDefinitionDoesNotExist", f"The specified role definition with ID '{definition}' does not exist.")
+        raise ArmError(
+            400,
+            "RoleDefinitionDoesNotExist",
+            f"The specified role definition with ID '{definition}' does not exist.",
+        )
     if len(scope.split("/")) > 4 and fake.store.find(scope) is None:
         raise not_found("scope", scope)
     principal = props.get("principalId")
     if principal not in fake.principals:
-        raise ArmError(400, "PrincipalNotFound", f"Principal {principal} does not exist in the directory {fake.app.tenant_id}.")
+        raise ArmError(
+            400,
+            "PrincipalNotFound",
+            f"Principal {principal} does not exist in the directory {fake.app.tenant_id}.",
+        )
     if props.get("principalType") != "ServicePrincipal":
         raise ArmError(
-            400, "UnmatchedPrincipalType",
-            f"The PrincipalType '{props.get('principalType')}' in the request doesn't match the type of the principal {principal} (ServicePrincipal).",
+            400,
+            "UnmatchedPrincipalType",
+            f"The PrincipalType '{props.get('principalType')}' in the request doesn't match the type of "
+            f"the principal {principal} (ServicePrincipal).",
         )
     if fake.principals[principal] > 0:  # Entra replication lag right after the identity was created
         fake.principals[principal] -= 1
-        raise ArmError(400, "PrincipalNotFound", f"Principal {principal} does not exist in the directory {fake.app.tenant_id}. Check that you have the correct principal ID. If you are creating this principal and then immediately assigning a role, this error might be related to a replication delay.")
+        raise ArmError(
+            400,
+            "PrincipalNotFound",
+            f"Principal {principal} does not exist in the directory {fake.app.tenant_id}. Check that you "
+            "have the correct principal ID. If you are creating this principal and then immediately "
+            "assigning a role, this error might be related to a replication delay.",
+        )
     rid = m.group(0)
     wanted = (principal, role.group(2).lower(), scope.lower())
     for existing in fake.store.by_type("Microsoft.Authorization/roleAssignments"):
         p = existing["properties"]
-        same = (p["principalId"], p["roleDefinitionId"].rsplit("/", 1)[-1].lower(), p["scope"].lower()) == wanted
+        same = (
+            p["principalId"],
+            p["roleDefinitionId"].rsplit("/", 1)[-1].lower(),
+            p["scope"].lower(),
+        ) == wanted
         if existing["id"].lower() == rid.lower():
             if not same:
-                raise ArmError(400, "RoleAssignmentUpdateNotPermitted", "Tenant ID, application ID, principal ID, and scope are not allowed to be updated.")
+                raise ArmError(
+                    400,
+                    "RoleAssignmentUpdateNotPermitted",
+                    "Tenant ID, application ID, principal ID, and scope are not allowed to be updated.",
+                )
             return Response(201, existing)
         if same:
             raise ArmError(409, "RoleAssignmentExists", "The role assignment already exists.")
     body = arm_body(
-        rid, "Microsoft.Authorization/roleAssignments", {},
-        properties={"roleDefinitionId": definition, "principalId": principal, "principalType": "ServicePrincipal",
-                    "scope": scope, "createdOn": now_iso()},
+        rid,
+        "Microsoft.Authorization/roleAssignments",
+        {},
+        properties={
+            "roleDefinitionId": definition,
+            "principalId": principal,
+            "principalType": "ServicePrincipal",
+            "scope": scope,
+            "createdOn": now_iso(),
+        },
     )
     fake.store.put(rid, body)
     return Response(201, body)
@@ -234,7 +310,11 @@ def _put_role(fake: FakeAzure, req: Request, m: re.Match) -> Response:
 
 def _list_roles(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     scope = m["scope"].lower()
-    found = [r for r in fake.store.by_type("Microsoft.Authorization/roleAssignments") if r["properties"]["scope"].lower() == scope]
+    found = [
+        r
+        for r in fake.store.by_type("Microsoft.Authorization/roleAssignments")
+        if r["properties"]["scope"].lower() == scope
+    ]
     wanted = re.search(r"principalId eq '([^']+)'", req.query.get("$filter", ""))
     if wanted:
         found = [r for r in found if r["properties"]["principalId"] == wanted.group(1)]
@@ -246,20 +326,32 @@ def _put_registry(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     check_group(fake, m["sub"], m["rg"])
     name, rid = m["name"], m.group(0)
     if not re.fullmatch(r"[a-zA-Z0-9]{5,50}", name):
-        raise ArmError(400, "InvalidResourceName", f"Registry name '{name}' must be 5-50 alphanumeric characters.")
+        raise ArmError(
+            400, "InvalidResourceName", f"Registry name '{name}' must be 5-50 alphanumeric characters."
+        )
     existing = fake.store.find(rid)
     if existing is None and name.lower() in fake.taken_registry_names:
-        raise ArmError(409, "AlreadyInUse", f"The registry DNS name {name.lower()}.azurecr.io is already in use.")
+        raise ArmError(
+            409, "AlreadyInUse", f"The registry DNS name {name.lower()}.azurecr.io is already in use."
+        )
     body = req.json()
     region = check_region(fake, body.get("location"), "registries")
     sku = (body.get("sku") or {}).get("name")
     if sku not in ("Basic", "Standard", "Premium"):
         raise ArmError(400, "InvalidSku", f"The sku '{sku}' is not valid; use Basic, Standard or Premium.")
     registry = arm_body(
-        rid, "Microsoft.ContainerRegistry/registries", {}, location=region, sku={"name": sku, "tier": sku},
+        rid,
+        "Microsoft.ContainerRegistry/registries",
+        {},
+        location=region,
+        sku={"name": sku, "tier": sku},
         tags=body.get("tags") or {},
-        properties={"loginServer": f"{name.lower()}.fake.azurecr.test", "adminUserEnabled": False,
-                    "provisioningState": "Creating", "creationDate": now_iso()},
+        properties={
+            "loginServer": f"{name.lower()}.fake.azurecr.test",
+            "adminUserEnabled": False,
+            "provisioningState": "Creating",
+            "creationDate": now_iso(),
+        },
     )
     fake.store.put(rid, registry)
     fake.taken_registry_names.add(name.lower())
@@ -276,7 +368,12 @@ def _metrics(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     resource = fake.store.get(m["resource"])
     names = req.query.get("metricnames", "")
     series = fake.requests_per_minute.get(resource["id"].lower(), [])
-    data = [{"timeStamp": ts, "total": float(n)} for ts, n in series]
+    start, _, end = req.query.get("timespan", "/").partition("/")
+    data = [
+        {"timeStamp": ts, "total": float(n)}
+        for ts, n in series
+        if (not start or start <= ts) and (not end or ts <= end)
+    ]
     return Response(
         200,
         {
@@ -290,7 +387,8 @@ def _metrics(fake: FakeAzure, req: Request, m: re.Match) -> Response:
                     "unit": "Count",
                     "timeseries": [{"metadatavalues": [], "data": data}],
                 }
-                for name in names.split(",") if name
+                for name in names.split(",")
+                if name
             ],
             "namespace": "Microsoft.MachineLearningServices/workspaces/onlineEndpoints",
             "resourceregion": resource.get("location", ""),

@@ -7,7 +7,6 @@ scoring URIs with the scoring contract. Blob data goes to Azurite, a real Azure 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +32,8 @@ DEFAULT_SIZES = [
     VmSize("Standard_NC24ads_A100_v4", "standardNCADSA100v4Family", 24, 1, 220.0),
     VmSize("Standard_NC48ads_A100_v4", "standardNCADSA100v4Family", 48, 2, 440.0),
     VmSize("Standard_NC96ads_A100_v4", "standardNCADSA100v4Family", 96, 4, 880.0),
-    VmSize("Standard_NC6s_v3", "standardNCSv3Family", 6, 1, 112.0),
+    # Standard_NC6s_v3 (the tutorial's) is not offered: it was retired on 2025-09-30.
+    VmSize("Standard_NC12s_v3", "standardNCSv3Family", 12, 2, 224.0),
     VmSize("Standard_DS3_v2", "standardDSv2Family", 4, 0, 14.0),
 ]
 FAMILY_NAMES = {
@@ -48,7 +48,14 @@ class FakeAzureConfig:
     subscription_id: str = SUBSCRIPTION
     regions: tuple[str, ...] = ("eastus", "eastus2", "westus3", "swedencentral")
     lro_polls: int = 2
-    job_statuses: tuple[str, ...] = ("NotStarted", "Queued", "Preparing", "Running", "Finalizing", "Completed")
+    job_statuses: tuple[str, ...] = (
+        "NotStarted",
+        "Queued",
+        "Preparing",
+        "Running",
+        "Finalizing",
+        "Completed",
+    )
     deployment_polls: int = 3
     principal_lag: int = 1  # role assignments for a new identity fail with PrincipalNotFound this often
     sizes: list[VmSize] = field(default_factory=lambda: list(DEFAULT_SIZES))
@@ -56,7 +63,9 @@ class FakeAzureConfig:
     quota: dict[tuple[str, str], tuple[int, int]] = field(default_factory=dict)
     default_family_limit: int = 96
     default_total_limit: int = 200
-    taken_endpoint_names: dict[str, set[str]] = field(default_factory=dict)  # region -> names in other tenants
+    taken_endpoint_names: dict[str, set[str]] = field(
+        default_factory=dict
+    )  # region -> names in other tenants
     # The Retry-After the fake gives operation pollers. The app never waits on a poller (it reads the
     # resource's state itself), and the SDK's background poller threads must not add requests to the
     # transcript at moments that depend on timing: so they are told to come back in an hour.
@@ -64,7 +73,7 @@ class FakeAzureConfig:
 
 
 class FakeAzure:
-    def __init__(self, folder: Path, config: FakeAzureConfig | None = None, *, blob=None, modules=None):
+    def __init__(self, folder: Path, config: FakeAzureConfig | None = None, *, blob=None):
         self.folder = folder
         self.config = config or FakeAzureConfig()
         self.app = AppRegistration()
@@ -77,23 +86,29 @@ class FakeAzure:
         self.taken_registry_names: set[str] = set()
         self.fail_compute: set[str] = set()  # clusters whose next creation ends Failed
         self.requests_per_minute: dict[str, list[tuple[str, int]]] = {}  # endpoint id -> metric points
-        self.endpoint_keys: dict[str, dict[str, str]] = {}  # endpoint id (lower) -> keys, served by listKeys only
+        self.endpoint_keys: dict[
+            str, dict[str, str]
+        ] = {}  # endpoint id (lower) -> keys, served by listKeys only
         self.deployment_logs: dict[str, str] = {}
+        self.job_progress: dict[str, int] = {}  # job id -> index into config.job_statuses
+        self.connection_secrets: dict[str, dict[str, str]] = {}  # connection id (lower) -> its keys
         from . import identity
 
         identity.register(self)
-        if modules is None:
-            from . import arm, endpoints, jobs, registry, scoring, workspace
+        from . import arm, contents, endpoints, jobs, registry, scoring, workspace
 
-            modules = (arm, workspace, jobs, registry, endpoints, scoring)
-        for module in modules:
+        for module in (arm, workspace, contents, jobs, registry, endpoints, scoring):
             module.register(self)
         self.server.add(
-            "operation-status", "GET", r"/fakeoperations/(?P<op>[^/]+)",
+            "operation-status",
+            "GET",
+            r"/fakeoperations/(?P<op>[^/]+)",
             lambda r, m: operation_status(self, r, m["op"]),
         )
         self.server.add(
-            "operation-result", "GET", r"/fakeoperations/(?P<op>[^/]+)/result",
+            "operation-result",
+            "GET",
+            r"/fakeoperations/(?P<op>[^/]+)/result",
             lambda r, m: operation_result(self, r, m["op"]),
         )
 
@@ -122,16 +137,8 @@ class FakeAzure:
             "AZURE_SUBSCRIPTION_ID": self.config.subscription_id,
         }
 
-    def apply_environment(self) -> dict[str, str | None]:
-        """Set ``environment()`` in this process; returns the previous values for ``restore``."""
-        previous = {k: os.environ.get(k) for k in self.environment()}
-        os.environ.update(self.environment())
-        return previous
-
     # long-running operations ------------------------------------------------------------------
-    def accepted(
-        self, op: Operation, status: int, body: dict | None, *, api_version: str | None
-    ) -> Response:
+    def accepted(self, op: Operation, status: int, body: dict | None, *, api_version: str | None) -> Response:
         """201/202 with the headers azure-core's ARM polling follows."""
         query = f"?api-version={api_version or '2024-01-01'}"
         status_url = f"{self.url}/fakeoperations/{op.id}{query}"
@@ -158,7 +165,9 @@ def operation_result(fake: FakeAzure, req: Request, op_id: str) -> Response:
     op = fake.store.operation(op_id)
     if op.status == "InProgress":
         location = f"{fake.url}{req.path}?api-version={req.api_version}"
-        return Response(202, None, {"Location": location, "Retry-After": str(fake.config.poller_retry_after_s)})
+        return Response(
+            202, None, {"Location": location, "Retry-After": str(fake.config.poller_retry_after_s)}
+        )
     if op.status == "Failed":
         return Response(400, {"error": op.error or {"code": "Failed", "message": "operation failed"}})
     found = fake.store.find(op.resource_id)

@@ -40,7 +40,9 @@ def ensure_installed() -> Path:
         timeout=600,
     )
     if result.returncode != 0 or not BINARY.exists():
-        raise AzuriteUnavailable(f"npm ci in {HERE} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+        raise AzuriteUnavailable(
+            f"npm ci in {HERE} failed:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}"
+        )
     return BINARY
 
 
@@ -71,8 +73,19 @@ class AzuriteBlob:
         binary = ensure_installed()
         self.folder.mkdir(parents=True, exist_ok=True)
         self.proc = subprocess.Popen(
-            [str(binary), "--location", str(self.folder), "--blobHost", "127.0.0.1", "--blobPort", "0",
-             "--skipApiVersionCheck", "--loose", "--disableTelemetry", "--silent"],
+            [
+                str(binary),
+                "--location",
+                str(self.folder),
+                "--blobHost",
+                "127.0.0.1",
+                "--blobPort",
+                "0",
+                "--skipApiVersionCheck",
+                "--loose",
+                "--disableTelemetry",
+                "--silent",
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

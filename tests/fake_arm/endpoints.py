@@ -44,11 +44,21 @@ def register(fake: FakeAzure) -> None:
     s.add("online-deployment", "DELETE", dep, lambda r, m: _delete_deployment(fake, r, m))
     s.add("online-deployment-logs", "POST", dep + r"/getLogs", lambda r, m: _logs(fake, m))
     se = WS + r"/serverlessEndpoints/(?P<ep>[^/]+)"
-    s.add("serverless-endpoints", "GET", WS + r"/serverlessEndpoints", lambda r, m: _list(fake, m, "serverlessEndpoints"))
+    s.add(
+        "serverless-endpoints",
+        "GET",
+        WS + r"/serverlessEndpoints",
+        lambda r, m: _list(fake, m, "serverlessEndpoints"),
+    )
     s.add("serverless-endpoint", "GET", se, lambda r, m: Response(200, _serverless(fake, m)))
     s.add("serverless-endpoint", "PUT", se, lambda r, m: _put_serverless(fake, r, m))
     s.add("serverless-endpoint", "DELETE", se, lambda r, m: _delete_endpoint(fake, r, m, SERVERLESS))
-    s.add("serverless-endpoint-keys", "POST", se + r"/listKeys", lambda r, m: _keys(fake, m, "serverlessEndpoints"))
+    s.add(
+        "serverless-endpoint-keys",
+        "POST",
+        se + r"/listKeys",
+        lambda r, m: _keys(fake, m, "serverlessEndpoints"),
+    )
 
 
 def _ep_id(ws: dict, collection: str, name: str) -> str:
@@ -68,8 +78,10 @@ def _endpoint(fake: FakeAzure, m: re.Match) -> dict:
 def _check_name(kind: str, name: str) -> None:
     if not (3 <= len(name) <= 32) or not NAME.match(name):
         raise ArmError(
-            400, "BadArgument",
-            f"{kind} name '{name}' is invalid: 3-32 characters, start with a letter, letters, digits and '-' only, "
+            400,
+            "BadArgument",
+            f"{kind} name '{name}' is invalid: 3-32 characters, start with a letter, letters, digits and "
+            "'-' only, "
             "not ending with '-'.",
         )
 
@@ -82,8 +94,10 @@ def _check_unique(fake: FakeAzure, ws: dict, name: str, rid: str) -> None:
             taken.add(other["name"].lower())
     if name.lower() in taken:
         raise ArmError(
-            409, "EndpointNameAlreadyExists",
-            f"Endpoint name '{name}' is already in use in region {region}. Endpoint names must be unique per region.",
+            409,
+            "EndpointNameAlreadyExists",
+            f"Endpoint name '{name}' is already in use in region {region}. Endpoint names must be unique "
+            "per region.",
         )
 
 
@@ -100,21 +114,33 @@ def _put_endpoint(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     props = body.get("properties") or {}
     existing = fake.store.find(rid)
     if existing and existing["properties"]["provisioningState"] not in TERMINAL:
-        raise ArmError(409, "Conflict", f"Endpoint {name} is {existing['properties']['provisioningState']}; retry when it finishes.")
+        raise ArmError(
+            409,
+            "Conflict",
+            f"Endpoint {name} is {existing['properties']['provisioningState']}; retry when it finishes.",
+        )
     if props.get("authMode") not in ("Key", "AMLToken", "AADToken"):
         raise ArmError(400, "BadArgument", f"authMode '{props.get('authMode')}' is not valid")
     identity = body.get("identity") or {"type": "SystemAssigned"}
-    for uai in (identity.get("userAssignedIdentities") or {}):
+    for uai in identity.get("userAssignedIdentities") or {}:
         if fake.store.find(uai) is None:
             raise ArmError(400, "BadArgument", f"user-assigned identity {uai} was not found")
     traffic = {k: int(v) for k, v in (props.get("traffic") or {}).items()}
     _check_traffic(fake, rid, traffic)
     endpoint = arm_body(
-        rid, ONLINE, {}, location=ws["location"], tags=body.get("tags") or {}, identity=identity,
+        rid,
+        ONLINE,
+        {},
+        location=ws["location"],
+        tags=body.get("tags") or {},
+        identity=identity,
         kind="Managed",
-        systemData=(existing or {}).get("systemData") or {"createdAt": now_iso(), "createdBy": fake.app.client_id},
+        systemData=(existing or {}).get("systemData")
+        or {"createdAt": now_iso(), "createdBy": fake.app.client_id},
         properties={
-            "authMode": props["authMode"], "description": props.get("description"), "traffic": traffic,
+            "authMode": props["authMode"],
+            "description": props.get("description"),
+            "traffic": traffic,
             "scoringUri": _scoring_uri(fake, ws["location"], name),
             "swaggerUri": _scoring_uri(fake, ws["location"], name).replace("/score", "/swagger.json"),
             "provisioningState": "Updating" if existing else "Creating",
@@ -143,8 +169,10 @@ def _check_traffic(fake: FakeAzure, endpoint_id: str, traffic: dict[str, int]) -
             raise ArmError(400, "BadArgument", f"traffic names deployment '{name}', which does not exist")
         if share > 0 and dep["properties"]["provisioningState"] != "Succeeded":
             raise ArmError(
-                400, "BadArgument",
-                f"traffic cannot go to deployment '{name}': it is {dep['properties']['provisioningState']}, not Succeeded",
+                400,
+                "BadArgument",
+                f"traffic cannot go to deployment '{name}': it is "
+                f"{dep['properties']['provisioningState']}, not Succeeded",
             )
     total = sum(traffic.values())
     if traffic and total not in (0, 100):
@@ -190,26 +218,43 @@ def _put_deployment(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     endpoint = _endpoint(fake, m)  # 404 when the endpoint does not exist
     _check_name("Deployment", m["dep"])
     if endpoint["properties"]["provisioningState"] not in TERMINAL:
-        raise ArmError(409, "Conflict", f"Endpoint {m['ep']} is {endpoint['properties']['provisioningState']}; deployments wait for it.")
+        raise ArmError(
+            409,
+            "Conflict",
+            f"Endpoint {m['ep']} is {endpoint['properties']['provisioningState']}; deployments wait for it.",
+        )
     rid = f"{endpoint['id']}/deployments/{m['dep']}"
     existing = fake.store.find(rid)
     if existing and existing["properties"]["provisioningState"] not in TERMINAL:
-        raise ArmError(409, "Conflict", f"Deployment {m['dep']} is {existing['properties']['provisioningState']}.")
+        raise ArmError(
+            409, "Conflict", f"Deployment {m['dep']} is {existing['properties']['provisioningState']}."
+        )
     body = req.json()
     props = body.get("properties") or {}
     if not _model_exists(fake, ws, props.get("model") or ""):
         raise ArmError(400, "BadArgument", f"model '{props.get('model')}' was not found in the workspace")
     vm = size(fake, props.get("instanceType"))
     if vm is None:
-        raise ArmError(400, "BadArgument", f"instance type '{props.get('instanceType')}' is not supported in {ws['location']}")
+        raise ArmError(
+            400,
+            "BadArgument",
+            f"instance type '{props.get('instanceType')}' is not supported in {ws['location']}",
+        )
     capacity = (body.get("sku") or {}).get("capacity", 1)
     deployment = arm_body(
-        rid, f"{ONLINE}/deployments", {}, location=ws["location"], tags=body.get("tags") or {},
+        rid,
+        f"{ONLINE}/deployments",
+        {},
+        location=ws["location"],
+        tags=body.get("tags") or {},
         sku=body.get("sku") or {"name": "Default", "capacity": capacity},
         systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id},
-        properties={**props, "properties": props.get("properties") or {},
-                    "provisioningState": "Updating" if existing else "Creating",
-                    "scaleSettings": props.get("scaleSettings") or {"scaleType": "Default"}},
+        properties={
+            **props,
+            "properties": props.get("properties") or {},
+            "provisioningState": "Updating" if existing else "Creating",
+            "scaleSettings": props.get("scaleSettings") or {"scaleType": "Default"},
+        },
     )
     fake.store.put(rid, deployment)
     short = _quota_shortfall(fake, ws, vm, int(capacity))
@@ -232,7 +277,8 @@ def _quota_shortfall(fake: FakeAzure, ws: dict, vm, count: int) -> str | None:
     if limit - used >= need:
         return None
     return (
-        f"InferencingClientCreateDeploymentFailed: Not enough quota available for {vm.name} in SubscriptionId "
+        f"InferencingClientCreateDeploymentFailed: Not enough quota available for {vm.name} in "
+        "SubscriptionId "
         f"{fake.config.subscription_id}. Current usage/limit: {used}/{limit}. Additional needed: {need}"
     )
 
@@ -244,7 +290,11 @@ def _delete_deployment(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         return Response(204)
     share = (endpoint["properties"].get("traffic") or {}).get(m["dep"], 0)
     if share:
-        raise ArmError(400, "BadArgument", f"Deployment {m['dep']} receives {share}% of the traffic; set it to 0 before deleting it.")
+        raise ArmError(
+            400,
+            "BadArgument",
+            f"Deployment {m['dep']} receives {share}% of the traffic; set it to 0 before deleting it.",
+        )
     fake.store.find(rid)["properties"]["provisioningState"] = "Deleting"
     op = fake.store.start(rid, "delete", fake.config.lro_polls, lambda: fake.store.remove(rid))
     return fake.accepted(op, 202, None, api_version=req.api_version)
@@ -252,7 +302,9 @@ def _delete_deployment(fake: FakeAzure, req: Request, m: re.Match) -> Response:
 
 def _logs(fake: FakeAzure, m: re.Match) -> Response:
     dep = _deployment(fake, m)
-    return Response(200, {"content": fake.deployment_logs.get(dep["id"].lower(), "model loaded; listening on :5001")})
+    return Response(
+        200, {"content": fake.deployment_logs.get(dep["id"].lower(), "model loaded; listening on :5001")}
+    )
 
 
 # serverless endpoints --------------------------------------------------------------------------
@@ -270,18 +322,39 @@ def _put_serverless(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         raise ArmError(409, "Conflict", f"serverless endpoint {name} already exists")
     body = req.json()
     model_id = ((body.get("properties") or {}).get("modelSettings") or {}).get("modelId") or ""
-    found = re.fullmatch(r"azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)", model_id)
+    found = re.fullmatch(
+        r"azureml://locations/([^/]+)/workspaces/([^/]+)/models/([^/]+)/versions/([^/]+)", model_id
+    )
     guid = ws["properties"]["workspaceId"]
-    if not found or found.group(2) != guid or fake.store.find(f"{ws['id']}/models/{found.group(3)}/versions/{found.group(4)}") is None:
-        raise ArmError(400, "BadArgument", f"modelId '{model_id}' is not a model registered in this workspace")
+    if (
+        not found
+        or found.group(2) != guid
+        or fake.store.find(f"{ws['id']}/models/{found.group(3)}/versions/{found.group(4)}") is None
+    ):
+        raise ArmError(
+            400, "BadArgument", f"modelId '{model_id}' is not a model registered in this workspace"
+        )
     if ws["location"] != "eastus2":
-        raise ArmError(400, "BadArgument", f"fine-tuned Phi-3 models deploy serverless only in eastus2, not {ws['location']}")
+        raise ArmError(
+            400,
+            "BadArgument",
+            f"fine-tuned Phi-3 models deploy serverless only in eastus2, not {ws['location']}",
+        )
     endpoint = arm_body(
-        rid, SERVERLESS, {}, location=ws["location"], tags=body.get("tags") or {}, sku={"name": "Consumption"},
+        rid,
+        SERVERLESS,
+        {},
+        location=ws["location"],
+        tags=body.get("tags") or {},
+        sku={"name": "Consumption"},
         systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id},
-        properties={"authMode": "Key", "modelSettings": {"modelId": model_id}, "provisioningState": "Creating",
-                    "endpointState": "Creating",
-                    "inferenceEndpoint": {"uri": f"{fake.url}/serverless/{ws['location']}/{name}", "headers": {}}},
+        properties={
+            "authMode": "Key",
+            "modelSettings": {"modelId": model_id},
+            "provisioningState": "Creating",
+            "endpointState": "Creating",
+            "inferenceEndpoint": {"uri": f"{fake.url}/serverless/{ws['location']}/{name}", "headers": {}},
+        },
     )
     fake.endpoint_keys[rid.lower()] = _new_keys()
     fake.store.put(rid, endpoint)

@@ -117,7 +117,12 @@ def _token(fake: FakeAzure, req: Request, tenant: str) -> Response:
             "idtyp": "app",
         }
     )
-    fake.server.tokens[token] = {"scope": scope, "aud": audience, "client_id": app.client_id, "tenant": tenant}
+    fake.server.tokens[token] = {
+        "scope": scope,
+        "aud": audience,
+        "client_id": app.client_id,
+        "tenant": tenant,
+    }
     return Response(
         200, {"token_type": "Bearer", "expires_in": 3599, "ext_expires_in": 3599, "access_token": token}
     )

@@ -10,14 +10,13 @@ A completed serverless fine-tune registers its output model, as Azure does.
 
 from __future__ import annotations
 
-import ast
 import re
 from typing import TYPE_CHECKING
 
 from .registry import BASE_MODEL, COMPONENT_INPUTS, base_model_asset_id, component_asset_id
 from .server import ArmError, Request, Response, not_found
 from .store import arm_body, now_iso
-from .workspace import WS, workspace
+from .workspace import WS, asset_versions, new_asset_version, workspace
 
 if TYPE_CHECKING:
     from .azure import FakeAzure
@@ -50,15 +49,19 @@ def _get_job(fake: FakeAzure, req: Request, m: re.Match) -> Response:
 
 
 def _advance(fake: FakeAzure, ws: dict, job: dict) -> None:
+    """One step along ``job_statuses`` per read (a status may repeat there, to make a job run longer)."""
     props = job["properties"]
     statuses = fake.config.job_statuses
-    status = props["status"]
-    if status == "CancelRequested":
+    if props["status"] == "CancelRequested":
         props["status"] = "Canceled"
-    elif status in statuses and status != statuses[-1]:
-        props["status"] = statuses[statuses.index(status) + 1]
-        if props["status"] == "Completed":
-            _complete(fake, ws, job)
+        return
+    if props["status"] in ("Canceled", "Failed", "Completed"):
+        return
+    step = min(fake.job_progress.get(job["id"], 0) + 1, len(statuses) - 1)
+    fake.job_progress[job["id"]] = step
+    props["status"] = statuses[step]
+    if props["status"] == "Completed":
+        _complete(fake, ws, job)
 
 
 def _complete(fake: FakeAzure, ws: dict, job: dict) -> None:
@@ -73,10 +76,19 @@ def _complete(fake: FakeAzure, ws: dict, job: dict) -> None:
     fake.store.put(
         rid,
         arm_body(
-            rid, "Microsoft.MachineLearningServices/workspaces/models/versions", {},
-            properties={"modelType": "mlflow_model", "modelUri": f"azureml://jobs/{job['name']}/outputs/registered_model",
-                        "flavors": {"transformers": {}}, "jobName": job["name"], "tags": {}, "properties": {},
-                        "isArchived": False, "provisioningState": "Succeeded"},
+            rid,
+            "Microsoft.MachineLearningServices/workspaces/models/versions",
+            {},
+            properties={
+                "modelType": "mlflow_model",
+                "modelUri": f"azureml://jobs/{job['name']}/outputs/registered_model",
+                "flavors": {"transformers": {}},
+                "jobName": job["name"],
+                "tags": {},
+                "properties": {},
+                "isArchived": False,
+                "provisioningState": "Succeeded",
+            },
             systemData={"createdAt": now_iso(), "createdBy": "Azure AI Foundry fine-tuning"},
         ),
     )
@@ -97,8 +109,13 @@ def _put_job(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         raise ArmError(400, "UserError", f"the fake runs Pipeline and FineTuning jobs, not {kind}")
     studio = f"https://ml.azure.test/runs/{m['name']}?wsid={ws['id']}"
     props.update(status="NotStarted", services={"Studio": {"jobServiceType": "Studio", "endpoint": studio}})
-    job = arm_body(rid, "Microsoft.MachineLearningServices/workspaces/jobs", {}, properties=props,
-                   systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id})
+    job = arm_body(
+        rid,
+        "Microsoft.MachineLearningServices/workspaces/jobs",
+        {},
+        properties=props,
+        systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id},
+    )
     fake.store.put(rid, job)
     return Response(201, job)
 
@@ -118,42 +135,65 @@ def _validate_pipeline(fake: FakeAzure, ws: dict, props: dict) -> None:
         inputs = node.get("inputs") or {}
         undeclared = sorted(set(inputs) - set(COMPONENT_INPUTS))
         if undeclared:
-            raise ArmError(400, "UserError", f"node {node_name}: inputs {undeclared} are not declared by chat_completion_pipeline")
+            raise ArmError(
+                400,
+                "UserError",
+                f"node {node_name}: inputs {undeclared} are not declared by chat_completion_pipeline",
+            )
         for key, spec in COMPONENT_INPUTS.items():
             if not spec.get("optional") and key not in inputs and spec.get("default") is None:
                 raise ArmError(400, "UserError", f"node {node_name}: required input {key} is missing")
-        for key in ("compute_model_import", "compute_preprocess", "compute_finetune", "compute_model_evaluation"):
+        for key in (
+            "compute_model_import",
+            "compute_preprocess",
+            "compute_finetune",
+            "compute_model_evaluation",
+        ):
             cluster = (inputs.get(key) or {}).get("value")
             if cluster and cluster != "serverless":
                 found = fake.store.find(f"{ws['id']}/computes/{cluster}")
                 if found is None or found["properties"]["provisioningState"] != "Succeeded":
-                    raise ArmError(400, "UserError", f"node {node_name}: compute '{cluster}' ({key}) is not a provisioned cluster")
+                    raise ArmError(
+                        400,
+                        "UserError",
+                        f"node {node_name}: compute '{cluster}' ({key}) is not a provisioned cluster",
+                    )
         for key in ("train_file_path", "validation_file_path"):
             uri = (inputs.get(key) or {}).get("uri") or ""
             if uri and not _data_exists(fake, ws, uri):
-                raise ArmError(400, "UserError", f"node {node_name}: {key} '{uri}' is not a registered data asset")
+                raise ArmError(
+                    400, "UserError", f"node {node_name}: {key} '{uri}' is not a registered data asset"
+                )
         model = (inputs.get("mlflow_model_path") or {}).get("uri") or ""
         if not model.startswith(f"azureml://registries/azureml/models/{BASE_MODEL}/versions/"):
-            raise ArmError(400, "UserError", f"node {node_name}: mlflow_model_path '{model}' is not a catalog model")
+            raise ArmError(
+                400, "UserError", f"node {node_name}: mlflow_model_path '{model}' is not a catalog model"
+            )
 
 
 def _validate_finetuning(fake: FakeAzure, ws: dict, props: dict) -> None:
     details = props.get("fineTuningDetails") or {}
     model = (details.get("model") or {}).get("uri") or ""
     if model != base_model_asset_id():
-        raise ArmError(400, "UserError", f"fine-tuning model '{model}' is not the catalog's latest {BASE_MODEL}")
+        raise ArmError(
+            400, "UserError", f"fine-tuning model '{model}' is not the catalog's latest {BASE_MODEL}"
+        )
     for key in ("trainingData", "validationData"):
         uri = (details.get(key) or {}).get("uri") or ""
         if not _data_exists(fake, ws, uri):
             raise ArmError(400, "UserError", f"{key} '{uri}' is not a registered data asset")
     if not props.get("computeId") and ws["location"] not in SERVERLESS_REGIONS:
         raise ArmError(
-            400, "UserError",
-            f"Serverless fine-tuning of {BASE_MODEL} is not available in region '{ws['location']}'; supported: eastus2",
+            400,
+            "UserError",
+            f"Serverless fine-tuning of {BASE_MODEL} is not available in region '{ws['location']}'; "
+            "supported: eastus2",
         )
     output = (props.get("outputs") or {}).get("registered_model") or {}
     if not output.get("assetName"):
-        raise ArmError(400, "UserError", "a fine-tuning job needs an output registered_model with an assetName")
+        raise ArmError(
+            400, "UserError", "a fine-tuning job needs an output registered_model with an assetName"
+        )
 
 
 def _cancel(fake: FakeAzure, req: Request, m: re.Match) -> Response:
@@ -177,23 +217,25 @@ def _get_model_container(fake: FakeAzure, req: Request, m: re.Match) -> Response
     if not versions:
         raise not_found("model", m["name"])
     rid = f"{ws['id']}/models/{m['name']}"
-    return Response(200, arm_body(rid, "Microsoft.MachineLearningServices/workspaces/models", {},
-                                  properties={"latestVersion": str(len(versions))}))
+    return Response(
+        200,
+        arm_body(
+            rid,
+            "Microsoft.MachineLearningServices/workspaces/models",
+            {},
+            properties={"latestVersion": str(len(versions))},
+        ),
+    )
 
 
 def _list_models(fake: FakeAzure, req: Request, m: re.Match) -> Response:
-    ws = workspace(fake, m)
-    versions = fake.store.children(f"{ws['id']}/models/{m['name']}", "versions")
-    versions.sort(key=lambda v: v["systemData"]["createdAt"], reverse=True)
-    top = req.query.get("$top")
-    return Response(200, {"value": versions[: int(top)] if top else versions})
+    return asset_versions(fake, req, f"{workspace(fake, m)['id']}/models/{m['name']}")
 
 
 def _put_model(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     ws = workspace(fake, m)
     rid = f"{ws['id']}/models/{m['name']}/versions/{m['v']}"
-    if fake.store.find(rid) is not None:
-        raise ArmError(409, "UserError", f"Model version {m['name']}:{m['v']} already exists; model versions are immutable.")
+    new_asset_version(fake, rid, "Model")
     props = req.json().get("properties") or {}
     uri = props.get("modelUri") or ""
     found = re.fullmatch(r"azureml://jobs/([^/]+)/outputs/([^/]+)", uri)
@@ -202,17 +244,25 @@ def _put_model(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         if job is None:
             raise ArmError(400, "UserError", f"modelUri {uri}: no job named {found.group(1)}")
         if job["properties"]["status"] != "Completed":
-            raise ArmError(400, "UserError", f"modelUri {uri}: job {found.group(1)} is {job['properties']['status']}, not Completed")
+            raise ArmError(
+                400,
+                "UserError",
+                f"modelUri {uri}: job {found.group(1)} is {job['properties']['status']}, not Completed",
+            )
         if found.group(2) not in (job["properties"].get("outputs") or {}):
-            raise ArmError(400, "UserError", f"modelUri {uri}: job {found.group(1)} has no output '{found.group(2)}'")
+            raise ArmError(
+                400, "UserError", f"modelUri {uri}: job {found.group(1)} has no output '{found.group(2)}'"
+            )
     body = arm_body(
-        rid, "Microsoft.MachineLearningServices/workspaces/models/versions", {},
-        properties={**props, "flavors": props.get("flavors") or {"python_function": {}}, "provisioningState": "Succeeded"},
+        rid,
+        "Microsoft.MachineLearningServices/workspaces/models/versions",
+        {},
+        properties={
+            **props,
+            "flavors": props.get("flavors") or {"python_function": {}},
+            "provisioningState": "Succeeded",
+        },
         systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id},
     )
     fake.store.put(rid, body)
     return Response(201, body)
-
-
-def parse_list(text: str) -> list[str]:
-    return [str(x) for x in ast.literal_eval(text)] if text.startswith("[") else text.split(",")

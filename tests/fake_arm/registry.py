@@ -21,6 +21,7 @@ BASE_MODEL = "Phi-3-mini-4k-instruct"
 BASE_VERSIONS = ("13", "14")
 PIPELINE_COMPONENT = "chat_completion_pipeline"
 COMPONENT_VERSION = "0.0.57"
+FINETUNE_SKUS = "Standard_NC24ads_A100_v4,Standard_NC48ads_A100_v4,Standard_NC96ads_A100_v4"
 RECOMMENDED_INFERENCE = (
     "Standard_NC24ads_A100_v4,Standard_NC48ads_A100_v4,Standard_NC96ads_A100_v4,"
     "Standard_ND96asr_v4,Standard_ND96amsr_A100_v4"
@@ -46,7 +47,12 @@ COMPONENT_INPUTS: dict[str, dict] = {
     "huggingface_id": _string(),
     "pytorch_model_path": {"type": "custom_model", "optional": True},
     "mlflow_model_path": {"type": "mlflow_model", "optional": True},
-    "task_name": {"type": "string", "optional": False, "default": "ChatCompletion", "enum": ["ChatCompletion"]},
+    "task_name": {
+        "type": "string",
+        "optional": False,
+        "default": "ChatCompletion",
+        "enum": ["ChatCompletion"],
+    },
     "pad_to_max_length": _string("false", BOOL),
     "max_seq_length": _number("integer", -1),
     "train_file_path": {"type": "uri_file", "optional": True},
@@ -66,7 +72,8 @@ COMPONENT_INPUTS: dict[str, dict] = {
     "weight_decay": _number("number", 0.0),
     "gradient_accumulation_steps": _number("integer", 1),
     "lr_scheduler_type": _string(
-        "linear", ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"]
+        "linear",
+        ["linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup"],
     ),
     "precision": _string("32", ["32", "16"]),
     "seed": _number("integer", 42),
@@ -107,11 +114,34 @@ def register(fake: FakeAzure) -> None:
         r"/registrymanagement/v1\.0/registries/(?P<name>[^/]+)/discovery",
         lambda r, m: _discovery(fake, m["name"]),
     )
-    reg = r"/mferp/managementfrontend/subscriptions/[^/]+/resourceGroups/[^/]+/providers/Microsoft\.MachineLearningServices/registries/azureml"
-    s.add("registry-model-versions", "GET", reg + r"/models/(?P<name>[^/]+)/versions", lambda r, m: _model_versions(r, m))
-    s.add("registry-model-version", "GET", reg + r"/models/(?P<name>[^/]+)/versions/(?P<v>[^/]+)", lambda r, m: _model_version(m))
-    s.add("registry-component-versions", "GET", reg + r"/components/(?P<name>[^/]+)/versions", lambda r, m: _component_versions(r, m))
-    s.add("registry-component-version", "GET", reg + r"/components/(?P<name>[^/]+)/versions/(?P<v>[^/]+)", lambda r, m: _component_version(m))
+    reg = (
+        r"/mferp/managementfrontend/subscriptions/[^/]+/resourceGroups/[^/]+"
+        r"/providers/Microsoft\.MachineLearningServices/registries/azureml"
+    )
+    s.add(
+        "registry-model-versions",
+        "GET",
+        reg + r"/models/(?P<name>[^/]+)/versions",
+        lambda r, m: _model_versions(r, m),
+    )
+    s.add(
+        "registry-model-version",
+        "GET",
+        reg + r"/models/(?P<name>[^/]+)/versions/(?P<v>[^/]+)",
+        lambda r, m: _model_version(m),
+    )
+    s.add(
+        "registry-component-versions",
+        "GET",
+        reg + r"/components/(?P<name>[^/]+)/versions",
+        lambda r, m: _component_versions(r, m),
+    )
+    s.add(
+        "registry-component-version",
+        "GET",
+        reg + r"/components/(?P<name>[^/]+)/versions/(?P<v>[^/]+)",
+        lambda r, m: _component_version(m),
+    )
 
 
 def _discovery(fake: FakeAzure, name: str) -> Response:
@@ -143,11 +173,11 @@ def _model_body(version: str) -> dict:
             "isArchived": False,
             "properties": {
                 "inference-recommended-sku": RECOMMENDED_INFERENCE,
-                "finetune-recommended-sku": "Standard_NC24ads_A100_v4,Standard_NC48ads_A100_v4,Standard_NC96ads_A100_v4",
+                "finetune-recommended-sku": FINETUNE_SKUS,
             },
             "tags": {
                 "task": "chat-completion",
-                "finetune_compute_allow_list": "['Standard_NC24ads_A100_v4','Standard_NC48ads_A100_v4','Standard_NC96ads_A100_v4']",
+                "finetune_compute_allow_list": str(FINETUNE_SKUS.split(",")),
                 "maas-finetuning-deploy-regions": "['eastus2']",
             },
         },
@@ -175,7 +205,7 @@ def _component_body() -> dict:
         "name": COMPONENT_VERSION,
         "type": "Microsoft.MachineLearningServices/registries/components/versions",
         "properties": {
-            "description": "Pipeline Component to finetune Hugging Face pretrained models for chat completion task.",
+            "description": "Pipeline Component to finetune Hugging Face models for chat completion task.",
             "isArchived": False,
             "componentSpec": {
                 "$schema": "https://azuremlschemas.azureedge.net/latest/pipelineComponent.schema.json",

@@ -25,7 +25,13 @@ DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 def register(fake: FakeAzure) -> None:
     s = fake.server
-    s.add("scoring", "POST", r"/inference/(?P<region>[^/]+)/(?P<ep>[^/]+)/score", lambda r, m: _score(fake, r, m), auth="custom")
+    s.add(
+        "scoring",
+        "POST",
+        r"/inference/(?P<region>[^/]+)/(?P<ep>[^/]+)/score",
+        lambda r, m: _score(fake, r, m),
+        auth="custom",
+    )
     s.add(
         "serverless-chat",
         "POST",
@@ -59,14 +65,18 @@ def _route(fake: FakeAzure, req: Request, endpoint: dict) -> dict:
         live = sorted(((share, name) for name, share in traffic.items() if share > 0), reverse=True)
         if not live:
             raise ArmError(
-                424, "NoValidDeployments",
-                "No valid deployments to route to. Please check that the endpoint has at least one deployment with "
+                424,
+                "NoValidDeployments",
+                "No valid deployments to route to. Please check that the endpoint has at least one "
+                "deployment with "
                 "positive weight values or use a deployment specific header to route.",
             )
         wanted = live[0][1]
     deployment = fake.store.find(f"{endpoint['id']}/deployments/{wanted}")
     if deployment is None or deployment["properties"]["provisioningState"] != "Succeeded":
-        raise ArmError(404, "DeploymentNotFound", f"Deployment '{wanted}' not found or not ready on this endpoint.")
+        raise ArmError(
+            404, "DeploymentNotFound", f"Deployment '{wanted}' not found or not ready on this endpoint."
+        )
     return deployment
 
 
@@ -79,11 +89,15 @@ def _score(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     try:
         body = validate_scoring_request(req.body)
     except InvalidScoringRequest as exc:
-        raise ArmError(400, "BadRequest", f"A value is not valid for the 'input_data' parameter: {exc}") from None
+        raise ArmError(
+            400, "BadRequest", f"A value is not valid for the 'input_data' parameter: {exc}"
+        ) from None
     _count_request(fake, endpoint)
     question = body.input_data.input_string[-1].content
     model = deployment["properties"].get("model", "").rsplit("/models/", 1)[-1]
-    return Response(200, {"output": f"[{model}] Thanks for asking. About \"{question[:200]}\": here is what I know."})
+    return Response(
+        200, {"output": f'[{model}] Thanks for asking. About "{question[:200]}": here is what I know.'}
+    )
 
 
 def _chat(fake: FakeAzure, req: Request, m: re.Match) -> Response:
@@ -97,14 +111,16 @@ def _chat(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         raise ArmError(400, "BadRequest", "'messages' is required: a list of {role, content}")
     _count_request(fake, endpoint)
     question = str(messages[-1].get("content", ""))
-    answer = f"Thanks for asking. About \"{question[:200]}\": here is what I know."
+    answer = f'Thanks for asking. About "{question[:200]}": here is what I know.'
     return Response(
         200,
         {
             "id": "chatcmpl-fake",
             "object": "chat.completion",
             "model": "phi-3-mini-4k-instruct-finetuned",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}],
+            "choices": [
+                {"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": answer}}
+            ],
             "usage": {"prompt_tokens": len(question.split()), "completion_tokens": len(answer.split())},
         },
     )

@@ -181,7 +181,9 @@ class FakeServer:
                     status=resp.status,
                     request_body=req.body,
                     # a snapshot: the fake goes on changing the resource it answered with
-                    response_body=json.loads(json.dumps(resp.body)) if isinstance(resp.body, dict | list) else None,
+                    response_body=json.loads(json.dumps(resp.body))
+                    if isinstance(resp.body, dict | list)
+                    else None,
                     fault=fault,
                     at=round(time.monotonic() - self.started, 3),
                 )
@@ -196,7 +198,9 @@ class FakeServer:
     def _dispatch(self, req: Request, found: tuple[Route, re.Match] | None) -> Response:
         if not found:
             return _error_response(
-                ArmError(404, "NoRegisteredProviderFound", f"fake Azure has no route for {req.method} {req.path}")
+                ArmError(
+                    404, "NoRegisteredProviderFound", f"fake Azure has no route for {req.method} {req.path}"
+                )
             )
         route, m = found
         try:
@@ -268,4 +272,3 @@ def _hang_up(h: BaseHTTPRequestHandler) -> None:
         h.connection.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass
-

@@ -43,7 +43,14 @@ def _pick(body: dict | None, *paths: str) -> dict:
 
 def _template(body: dict) -> dict:
     params = ((body or {}).get("properties") or {}).get("parameters") or {}
-    keep = ("workspaceName", "kind", "location", "containerRegistryOption", "storageAccountOption", "workspace_hub")
+    keep = (
+        "workspaceName",
+        "kind",
+        "location",
+        "containerRegistryOption",
+        "storageAccountOption",
+        "workspace_hub",
+    )
     return {k: params[k]["value"] for k in keep if (params.get(k) or {}).get("value") not in (None, "")}
 
 
@@ -75,7 +82,7 @@ def _job(body: dict) -> dict:
 
 def _traffic_or_identity(body: dict) -> dict:
     out = _pick(body, "properties.authMode", "properties.traffic", "identity.type")
-    out["tags"] = sorted(((body or {}).get("tags") or {}))
+    out["tags"] = sorted((body or {}).get("tags") or {})
     return out
 
 
@@ -90,18 +97,32 @@ KEY_FIELDS: dict[tuple[str, str], Callable[[dict], dict]] = {
     },
     ("PUT", "data-version"): lambda b: _pick(b, "properties.dataType", "properties.dataUri"),
     ("PUT", "compute"): lambda b: _pick(
-        b, "properties.computeType", "properties.properties.vmSize", "properties.properties.vmPriority",
+        b,
+        "properties.computeType",
+        "properties.properties.vmSize",
+        "properties.properties.vmPriority",
         "properties.properties.scaleSettings",
     ),
     ("PUT", "job"): _job,
     ("PUT", "model-version"): lambda b: _pick(b, "properties.modelType", "properties.modelUri"),
     ("PUT", "online-endpoint"): _traffic_or_identity,
     ("PUT", "online-deployment"): lambda b: _pick(
-        b, "properties.model", "properties.instanceType", "sku.capacity", "properties.requestSettings.requestTimeout",
-        "properties.livenessProbe.initialDelay", "properties.endpointComputeType",
+        b,
+        "properties.model",
+        "properties.instanceType",
+        "sku.capacity",
+        "properties.requestSettings.requestTimeout",
+        "properties.livenessProbe.initialDelay",
+        "properties.endpointComputeType",
     ),
+    ("PUT", "connection"): lambda b: {
+        **_pick(b, "properties.category", "properties.authType"),
+        "secrets": sorted((((b or {}).get("properties") or {}).get("credentials") or {}).get("keys") or {}),
+    },
     ("PUT", "serverless-endpoint"): lambda b: _pick(b, "properties.modelSettings.modelId", "sku.name"),
-    ("POST", "scoring"): lambda b: {"messages": len(((b or {}).get("input_data") or {}).get("input_string") or [])},
+    ("POST", "scoring"): lambda b: {
+        "messages": len(((b or {}).get("input_data") or {}).get("input_string") or [])
+    },
     ("POST", "serverless-chat"): lambda b: {"messages": len((b or {}).get("messages") or [])},
 }
 
@@ -120,12 +141,16 @@ class Placeholders:
         text = re.sub(r"https://127\.0\.0\.1:\d+", "{fake}", text)
         text = re.sub(r"http://127\.0\.0\.1:\d+", "{azurite}", text)
         text = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z?", "{time}", text)
-        text = re.sub(r"(deployments/\{ws[^/}]*\})-\d+", r"\1-{n}", text)
+        text = re.sub(
+            r"(/deployments/[^/\s]+?)-\d{5,}(?=[\s/])", r"\1-{n}", text
+        )  # azure-ai-ml's random suffix
 
         def guid(m: re.Match) -> str:
             return self.guids.setdefault(m.group(0).lower(), f"{{guid{len(self.guids) + 1}}}")
 
-        text = re.sub(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", guid, text, flags=re.IGNORECASE)
+        text = re.sub(
+            r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", guid, text, flags=re.IGNORECASE
+        )
         return re.sub(r"/[0-9a-f]{16}/", "/{sha16}/", text)
 
 

@@ -1,10 +1,9 @@
-"""Azure ML workspace-scoped resources: the workspace, quota and VM sizes, datastores, data assets
-and compute clusters.
+"""Azure ML workspaces (made by azure-ai-ml's ARM template), quota and VM sizes, compute clusters.
 
 Rules enforced: a workspace's storage, key vault, app insights and (only when one is passed)
-container registry come from the creating template; data asset versions are immutable (a second
-PUT of an existing version is 409); a compute cluster needs a VM size offered in the region; a
-cluster can be put into ``Failed`` by the test (``fail_compute``) as Azure sometimes does.
+container registry come from the creating template, a Foundry project lives on its hub's; a
+compute cluster needs a VM size offered in the region; a cluster can be put into ``Failed`` by the
+test (``fail_compute``) as Azure sometimes does.
 """
 
 from __future__ import annotations
@@ -31,31 +30,44 @@ def register(fake: FakeAzure) -> None:
     loc = SUB + AML + r"/locations/(?P<loc>[^/]+)"
     s.add("quota-usages", "GET", loc + r"/usages", lambda r, m: _usages(fake, m))
     s.add("vm-sizes", "GET", loc + r"/vmSizes", lambda r, m: _sizes(fake, m))
-    s.add("datastores", "GET", WS + r"/datastores", lambda r, m: _list_datastores(fake, r, m))
-    s.add("datastore", "GET", WS + r"/datastores/(?P<name>[^/]+)", lambda r, m: _get_child(fake, r, m, "datastore"))
-    s.add("datastore-secrets", "POST", WS + r"/datastores/(?P<name>[^/]+)/listSecrets", lambda r, m: _secrets(fake, m))
-    data = WS + r"/data/(?P<name>[^/]+)"
-    s.add("data-versions", "GET", data + r"/versions", lambda r, m: _list_versions(fake, r, m))
-    s.add("data-version", "GET", data + r"/versions/(?P<v>[^/]+)", lambda r, m: _get_child(fake, r, m, "data version"))
-    s.add("data-version", "PUT", data + r"/versions/(?P<v>[^/]+)", lambda r, m: _put_data(fake, r, m))
-    s.add("data-container", "GET", data, lambda r, m: _get_child(fake, r, m, "data container"))
     compute = WS + r"/computes/(?P<name>[^/]+)"
-    s.add("compute", "GET", compute, lambda r, m: _get_child(fake, r, m, "compute"))
+    s.add("compute", "GET", compute, lambda r, m: get_child(fake, r, m, "compute"))
     s.add("compute", "PUT", compute, lambda r, m: _put_compute(fake, r, m))
     s.add("compute", "DELETE", compute, lambda r, m: _delete_compute(fake, r, m))
 
 
 def workspace(fake: FakeAzure, m: re.Match) -> dict:
     check_group(fake, m["sub"], m["rg"])
-    rid = f"/subscriptions/{m['sub']}/resourceGroups/{m['rg']}/providers/Microsoft.MachineLearningServices/workspaces/{m['ws']}"
-    return fake.store.get(rid, "workspace")
+    return fake.store.get(workspace_id(m), "workspace")
 
 
 def workspace_id(m: re.Match) -> str:
-    return f"/subscriptions/{m['sub']}/resourceGroups/{m['rg']}/providers/Microsoft.MachineLearningServices/workspaces/{m['ws']}"
+    return workspace_resource_id(m["sub"], m["rg"], m["ws"])
 
 
-def _get_child(fake: FakeAzure, req: Request, m: re.Match, kind: str) -> Response:
+def workspace_resource_id(sub: str, rg: str, name: str) -> str:
+    group = f"/subscriptions/{sub}/resourceGroups/{rg}"
+    return f"{group}/providers/Microsoft.MachineLearningServices/workspaces/{name}"
+
+
+def asset_versions(fake: FakeAzure, req: Request, container_id: str) -> Response:
+    """An asset's versions, newest first, honouring ``$top`` (data and models alike)."""
+    versions = fake.store.children(container_id, "versions")
+    versions.sort(key=lambda v: v["systemData"]["createdAt"], reverse=True)
+    top = req.query.get("$top")
+    return Response(200, {"value": versions[: int(top)] if top else versions})
+
+
+def new_asset_version(fake: FakeAzure, resource_id: str, label: str) -> None:
+    """Asset versions are immutable: a second PUT of one is a 409."""
+    if fake.store.find(resource_id) is not None:
+        name, version = resource_id.split("/")[-3], resource_id.split("/")[-1]
+        raise ArmError(
+            409, "UserError", f"{label} version {name}:{version} already exists; versions are immutable."
+        )
+
+
+def get_child(fake: FakeAzure, req: Request, m: re.Match, kind: str) -> Response:
     workspace(fake, m)
     return Response(200, fake.store.get(req.path, kind))
 
@@ -69,7 +81,6 @@ def _param(params: dict, name: str, default=None):
 def create_workspace_from_template(fake: FakeAzure, sub: str, rg: str, params: dict) -> None:
     name = _param(params, "workspaceName")
     region = check_region(fake, _param(params, "location"), "workspaces")
-    group_id = f"/subscriptions/{sub}/resourceGroups/{rg}"
     store = fake.store
 
     def dependent(option: str, provider: str, name_param: str, rg_param: str, extra: dict) -> str | None:
@@ -82,7 +93,12 @@ def create_workspace_from_template(fake: FakeAzure, sub: str, rg: str, params: d
             if store.find(rid) is None:
                 raise ArmError(400, "InvalidTemplateDeployment", f"existing resource {rid} not found")
             return rid
-        store.put(rid, arm_body(rid, provider, {}, location=region, properties={"provisioningState": "Succeeded", **extra}))
+        store.put(
+            rid,
+            arm_body(
+                rid, provider, {}, location=region, properties={"provisioningState": "Succeeded", **extra}
+            ),
+        )
         return rid
 
     kind = _param(params, "kind", "Default")
@@ -90,37 +106,69 @@ def create_workspace_from_template(fake: FakeAzure, sub: str, rg: str, params: d
         hub = store.get(_param(params, "workspace_hub", ""), "hub workspace")
         if hub.get("kind", "").lower() != "hub":
             raise ArmError(400, "InvalidTemplateDeployment", f"{hub['id']} is not a hub")
-        inherited = {k: hub["properties"].get(k) for k in ("storageAccount", "keyVault", "applicationInsights", "containerRegistry")}
+        inherited = {
+            k: hub["properties"].get(k)
+            for k in ("storageAccount", "keyVault", "applicationInsights", "containerRegistry")
+        }
         _put_workspace(fake, sub, rg, name, region, kind, params, inherited, hub_id=hub["id"])
         return
     storage = dependent(
-        "storageAccountOption", "Microsoft.Storage/storageAccounts", "storageAccountName", "storageAccountResourceGroupName",
+        "storageAccountOption",
+        "Microsoft.Storage/storageAccounts",
+        "storageAccountName",
+        "storageAccountResourceGroupName",
         {"primaryEndpoints": {"blob": fake.blob.account_url + "/" if fake.blob else "https://fake.blob/"}},
     )
-    key_vault = dependent("keyVaultOption", "Microsoft.KeyVault/vaults", "keyVaultName", "keyVaultResourceGroupName", {})
+    key_vault = dependent(
+        "keyVaultOption", "Microsoft.KeyVault/vaults", "keyVaultName", "keyVaultResourceGroupName", {}
+    )
     insights = dependent(
-        "applicationInsightsOption", "Microsoft.Insights/components", "applicationInsightsName",
-        "applicationInsightsResourceGroupName", {},
+        "applicationInsightsOption",
+        "Microsoft.Insights/components",
+        "applicationInsightsName",
+        "applicationInsightsResourceGroupName",
+        {},
     )
     registry = None
     if _param(params, "containerRegistryOption", "none") == "existing":
         registry = dependent(
-            "containerRegistryOption", "Microsoft.ContainerRegistry/registries", "containerRegistryName",
-            "containerRegistryResourceGroupName", {},
+            "containerRegistryOption",
+            "Microsoft.ContainerRegistry/registries",
+            "containerRegistryName",
+            "containerRegistryResourceGroupName",
+            {},
         )
-    linked = {"storageAccount": storage, "keyVault": key_vault, "applicationInsights": insights, "containerRegistry": registry}
+    linked = {
+        "storageAccount": storage,
+        "keyVault": key_vault,
+        "applicationInsights": insights,
+        "containerRegistry": registry,
+    }
     _put_workspace(fake, sub, rg, name, region, kind, params, linked)
 
 
 def _put_workspace(
-    fake: FakeAzure, sub: str, rg: str, name: str, region: str, kind: str, params: dict, linked: dict, hub_id: str | None = None
+    fake: FakeAzure,
+    sub: str,
+    rg: str,
+    name: str,
+    region: str,
+    kind: str,
+    params: dict,
+    linked: dict,
+    hub_id: str | None = None,
 ) -> None:
     store = fake.store
     ws_guid = str(uuid.uuid4())
-    rid = f"/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.MachineLearningServices/workspaces/{name}"
+    rid = workspace_resource_id(sub, rg, name)
     tags = _param(params, "tagValues", {}) or {}
     body = arm_body(
-        rid, "Microsoft.MachineLearningServices/workspaces", {}, location=region, kind=kind, tags=tags,
+        rid,
+        "Microsoft.MachineLearningServices/workspaces",
+        {},
+        location=region,
+        kind=kind,
+        tags=tags,
         sku={"name": "Basic", "tier": "Basic"},
         identity={"type": "SystemAssigned", "principalId": str(uuid.uuid4()), "tenantId": fake.app.tenant_id},
         systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id, "createdByType": "Application"},
@@ -143,10 +191,14 @@ def _put_workspace(
     store.put(
         f"{rid}/datastores/workspaceblobstore",
         arm_body(
-            f"{rid}/datastores/workspaceblobstore", "Microsoft.MachineLearningServices/workspaces/datastores", {},
+            f"{rid}/datastores/workspaceblobstore",
+            "Microsoft.MachineLearningServices/workspaces/datastores",
+            {},
             properties={
                 "datastoreType": "AzureBlob",
-                "accountName": fake.blob.account if fake.blob else linked["storageAccount"].rsplit("/", 1)[-1],
+                "accountName": fake.blob.account
+                if fake.blob
+                else linked["storageAccount"].rsplit("/", 1)[-1],
                 "containerName": container,
                 "endpoint": "fake.core.windows.test",
                 "protocol": "https",
@@ -197,79 +249,62 @@ def _usages(fake: FakeAzure, m: re.Match) -> Response:
     cfg = fake.config
     rows = []
     used, limit = cfg.quota.get(("total", region), (0, cfg.default_total_limit))
-    rows.append({
-        "id": f"/subscriptions/{m['sub']}/usages", "type": "Microsoft.MachineLearningServices/dedicatedCores/usages",
-        "currentValue": used, "limit": limit, "unit": "Count",
-        "name": {"value": "Total Cluster Dedicated Regional vCPUs", "localizedValue": "Total Cluster Dedicated Regional vCPUs"},
-    })
+    rows.append(
+        {
+            "id": f"/subscriptions/{m['sub']}/usages",
+            "type": "Microsoft.MachineLearningServices/dedicatedCores/usages",
+            "currentValue": used,
+            "limit": limit,
+            "unit": "Count",
+            "name": {
+                "value": "Total Cluster Dedicated Regional vCPUs",
+                "localizedValue": "Total Cluster Dedicated Regional vCPUs",
+            },
+        }
+    )
     for family in sorted({s.family for s in cfg.sizes}):
         used, limit = cfg.quota.get((family, region), (0, cfg.default_family_limit))
         label = f"{_family_label(family)} Cluster Dedicated vCPUs"
-        rows.append({
-            "id": f"/subscriptions/{m['sub']}/usages/{label.replace(' ', '_')}",
-            "type": "Microsoft.MachineLearningServices/vmFamily/usages",
-            "currentValue": used, "limit": limit, "unit": "Count", "name": {"value": label, "localizedValue": label},
-        })
+        rows.append(
+            {
+                "id": f"/subscriptions/{m['sub']}/usages/{label.replace(' ', '_')}",
+                "type": "Microsoft.MachineLearningServices/vmFamily/usages",
+                "currentValue": used,
+                "limit": limit,
+                "unit": "Count",
+                "name": {"value": label, "localizedValue": label},
+            }
+        )
     return Response(200, {"value": rows})
 
 
 def _sizes(fake: FakeAzure, m: re.Match) -> Response:
     check_subscription(fake, m["sub"])
     check_region(fake, m["loc"], "vmSizes")
-    return Response(200, {"value": [
-        {"name": s.name, "family": s.family, "vCPUs": s.vcpus, "gpus": s.gpus, "memoryGB": s.memory_gb,
-         "osVhdSizeMB": 1047552, "maxResourceVolumeMB": 65536, "lowPriorityCapable": True, "premiumIO": True,
-         "supportedComputeTypes": ["AmlCompute", "ComputeInstance"]}
-        for s in fake.config.sizes
-    ]})
+    return Response(
+        200,
+        {
+            "value": [
+                {
+                    "name": s.name,
+                    "family": s.family,
+                    "vCPUs": s.vcpus,
+                    "gpus": s.gpus,
+                    "memoryGB": s.memory_gb,
+                    "osVhdSizeMB": 1047552,
+                    "maxResourceVolumeMB": 65536,
+                    "lowPriorityCapable": True,
+                    "premiumIO": True,
+                    "supportedComputeTypes": ["AmlCompute", "ComputeInstance"],
+                }
+                for s in fake.config.sizes
+            ]
+        },
+    )
 
 
 def size(fake: FakeAzure, name: str):
     return next((s for s in fake.config.sizes if s.name.lower() == (name or "").lower()), None)
-
-
-# datastores and data assets --------------------------------------------------------------------
-def _list_datastores(fake: FakeAzure, req: Request, m: re.Match) -> Response:
-    ws = workspace(fake, m)
-    found = fake.store.children(ws["id"], "datastores")
-    if req.query.get("isDefault") == "true":
-        found = [d for d in found if d["properties"].get("isDefault")]
-    return Response(200, {"value": found})
-
-
-def _secrets(fake: FakeAzure, m: re.Match) -> Response:
-    ws = workspace(fake, m)
-    fake.store.get(f"{ws['id']}/datastores/{m['name']}", "datastore")
-    return Response(200, {"secretsType": "AccountKey", "key": fake.blob.key if fake.blob else "fake"})
-
-
-def _list_versions(fake: FakeAzure, req: Request, m: re.Match) -> Response:
-    ws = workspace(fake, m)
-    versions = fake.store.children(f"{ws['id']}/data/{m['name']}", "versions")
-    versions.sort(key=lambda v: v["systemData"]["createdAt"], reverse=True)
-    top = req.query.get("$top")
-    return Response(200, {"value": versions[: int(top)] if top else versions})
-
-
-def _put_data(fake: FakeAzure, req: Request, m: re.Match) -> Response:
-    ws = workspace(fake, m)
-    rid = f"{ws['id']}/data/{m['name']}/versions/{m['v']}"
-    if fake.store.find(rid) is not None:
-        raise ArmError(409, "UserError", f"Data version {m['name']}:{m['v']} already exists; asset versions are immutable.")
-    props = req.json().get("properties") or {}
-    uri = props.get("dataUri") or ""
-    if not uri.startswith(("azureml://", "https://", "http://")):
-        raise ArmError(400, "UserError", f"dataUri '{uri}' is not a datastore or storage URI")
-    container = f"{ws['id']}/data/{m['name']}"
-    if fake.store.find(container) is None:
-        fake.store.put(container, arm_body(container, "Microsoft.MachineLearningServices/workspaces/data", {}, properties={"dataType": props.get("dataType")}))
-    body = arm_body(
-        rid, "Microsoft.MachineLearningServices/workspaces/data/versions", {},
-        properties={**props, "isArchived": False, "isAnonymous": False, "provisioningState": "Succeeded"},
-        systemData={"createdAt": now_iso(), "createdBy": fake.app.client_id},
-    )
-    fake.store.put(rid, body)
-    return Response(201, body)
 
 
 # compute clusters -------------------------------------------------------------------------------
@@ -277,23 +312,37 @@ def _put_compute(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     ws = workspace(fake, m)
     rid = f"{ws['id']}/computes/{m['name']}"
     body = req.json()
-    props = (body.get("properties") or {})
+    props = body.get("properties") or {}
     inner = props.get("properties") or {}
     if props.get("computeType") != "AmlCompute":
-        raise ArmError(400, "BadArgument", f"computeType '{props.get('computeType')}' is not served by the fake")
+        raise ArmError(
+            400, "BadArgument", f"computeType '{props.get('computeType')}' is not served by the fake"
+        )
     vm = size(fake, inner.get("vmSize"))
     if vm is None:
-        raise ArmError(400, "BadArgument", f"VM size '{inner.get('vmSize')}' is not available in {ws['location']}.")
+        raise ArmError(
+            400, "BadArgument", f"VM size '{inner.get('vmSize')}' is not available in {ws['location']}."
+        )
     scale = inner.get("scaleSettings") or {}
     if scale.get("minNodeCount", 0) > scale.get("maxNodeCount", 1):
         raise ArmError(400, "BadArgument", "minNodeCount cannot exceed maxNodeCount")
     existing = fake.store.find(rid)
     if existing and existing["properties"]["provisioningState"] in ("Creating", "Deleting"):
-        raise ArmError(409, "Conflict", f"compute {m['name']} is {existing['properties']['provisioningState']}")
+        raise ArmError(
+            409, "Conflict", f"compute {m['name']} is {existing['properties']['provisioningState']}"
+        )
     compute = arm_body(
-        rid, "Microsoft.MachineLearningServices/workspaces/computes", {}, location=ws["location"],
-        properties={**props, "provisioningState": "Creating", "createdOn": now_iso(), "provisioningErrors": None,
-                    "properties": {**inner, "allocationState": "Steady", "currentNodeCount": 0, "targetNodeCount": 0}},
+        rid,
+        "Microsoft.MachineLearningServices/workspaces/computes",
+        {},
+        location=ws["location"],
+        properties={
+            **props,
+            "provisioningState": "Creating",
+            "createdOn": now_iso(),
+            "provisioningErrors": None,
+            "properties": {**inner, "allocationState": "Steady", "currentNodeCount": 0, "targetNodeCount": 0},
+        },
     )
     fake.store.put(rid, compute)
     fail = m["name"] in fake.fail_compute
@@ -302,7 +351,9 @@ def _put_compute(fake: FakeAzure, req: Request, m: re.Match) -> Response:
         if fail:
             fake.fail_compute.discard(m["name"])
             compute["properties"]["provisioningState"] = "Failed"
-            compute["properties"]["provisioningErrors"] = [{"error": {"code": "AllocationFailed", "message": "injected"}}]
+            compute["properties"]["provisioningErrors"] = [
+                {"error": {"code": "AllocationFailed", "message": "injected"}}
+            ]
         else:
             compute["properties"]["provisioningState"] = "Succeeded"
 

@@ -1,0 +1,53 @@
+"""The Prompt flow custom connection in the workspace: endpoint URI plus key, read by the flow by name.
+
+Prompt flow resolves a workspace connection of category ``CustomKeys`` into a ``CustomConnection``:
+``properties.credentials.keys`` become its secrets and ``properties.metadata`` its configs.
+azure-ai-ml's public ``WorkspaceConnection(type="custom")`` writes ``authType: ApiKey`` with a single
+``key`` instead (no ``keys`` map, so the flow would find no secret), hence the plain ARM PUT through
+the management client's pipeline (same credential, cloud and retries as every other call).
+"""
+
+from __future__ import annotations
+
+from azure.core.exceptions import HttpResponseError
+from azure.core.rest import HttpRequest
+from azure.mgmt.core.exceptions import ARMErrorFormat
+
+from .clients import AzureClients
+from .errors import azure_errors
+
+CONNECTIONS_API = "2024-10-01"
+
+
+def _url(clients: AzureClients, name: str) -> str:
+    t = clients.target
+    return (
+        f"/subscriptions/{t.subscription_id}/resourceGroups/{t.resource_group}/providers/"
+        f"Microsoft.MachineLearningServices/workspaces/{t.workspace}/connections/{name}?api-version={CONNECTIONS_API}"
+    )
+
+
+def upsert_custom_connection(clients: AzureClients, name: str, endpoint_uri: str, key: str) -> str:
+    """Create or update; 'created' or 'updated'. The key goes only into the request body to Azure."""
+    body = {
+        "properties": {
+            "category": "CustomKeys",
+            "authType": "CustomKeys",
+            "target": endpoint_uri,
+            "credentials": {"keys": {"key": key}},
+            "metadata": {"endpoint": endpoint_uri},
+            "isSharedToAll": False,
+        }
+    }
+    with azure_errors(f"create Prompt flow connection '{name}'"):
+        response = clients.resources.send_request(HttpRequest("PUT", _url(clients, name), json=body))
+        if response.status_code >= 400:
+            raise HttpResponseError(response=response, error_format=ARMErrorFormat)
+    return "created" if response.status_code == 201 else "updated"
+
+
+def delete_connection(clients: AzureClients, name: str) -> None:
+    with azure_errors(f"delete Prompt flow connection '{name}'"):
+        response = clients.resources.send_request(HttpRequest("DELETE", _url(clients, name)))
+        if response.status_code >= 400 and response.status_code != 404:
+            raise HttpResponseError(response=response, error_format=ARMErrorFormat)

@@ -1,0 +1,102 @@
+"""Azure backend steps in-process against the fake: cluster recovery, job status and cancel, data assets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from backends.azure.backend import AzureBackend
+from pipeline.config import RunConfig
+from tests.fake_arm import seed
+from tests.fake_arm.azure import FakeAzure
+from tests.fake_arm.hosting import RESOURCE_GROUP, WORKSPACE
+
+pytest_plugins = ["tests.fake_arm.fixtures"]
+
+
+def calls(fake: FakeAzure, route: str, since: int = 0) -> list[str]:
+    return [
+        f"{e.method} {e.status}"
+        for e in fake.server.exchanges[since:]
+        if e.route == route and e.method != "GET"
+    ]
+
+
+def test_a_cluster_that_fails_to_provision_is_deleted_and_created_again(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    fake_azure.fail_compute.add("gpu-a100")  # Azure sometimes leaves a new cluster Failed
+
+    info = azure_backend.ensure_compute(RunConfig())
+
+    assert info.state == "Succeeded"
+    assert calls(fake_azure, "compute") == ["PUT 201", "DELETE 202", "PUT 201"]
+
+
+def test_job_states_are_reported_with_azure_ml_names_as_the_job_progresses(
+    azure_backend, fake_azure: FakeAzure
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    seed.job(fake_azure, ws, "phi3ft-seen")
+
+    states = [azure_backend.get_job("phi3ft-seen") for _ in range(5)]
+
+    assert [s.status for s in states] == ["Queued", "Preparing", "Running", "Finalizing", "Completed"]
+    assert states[-1].is_terminal and not states[2].is_terminal and states[0].link.startswith("https://")
+
+
+def test_cancel_asks_azure_to_cancel_and_the_job_ends_canceled(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    seed.job(fake_azure, ws, "phi3ft-cancel")
+    azure_backend.get_job("phi3ft-cancel")  # Queued
+
+    azure_backend.cancel_job("phi3ft-cancel")
+
+    assert calls(fake_azure, "job-cancel") == ["POST 202"]
+    assert azure_backend.get_job("phi3ft-cancel").status == "Canceled"
+
+
+def test_data_assets_are_reused_for_the_same_content_and_versioned_for_new_content(
+    azure_backend: AzureBackend, fake_azure: FakeAzure, tmp_path: Path
+):
+    seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    train, validation = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
+    train.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
+    validation.write_text('{"messages": [{"role": "user", "content": "yo"}]}\n')
+
+    first = azure_backend.upload_data("run-a", train, validation)
+    again = azure_backend.upload_data("run-a", train, validation)
+    train.write_text(train.read_text() * 2)
+    changed = azure_backend.upload_data("run-a", train, validation)
+
+    assert again == first and first.train.version == "1"
+    assert changed.train.version == "2" and changed.validation == first.validation
+    assert calls(fake_azure, "data-version") == ["PUT 201", "PUT 201", "PUT 201"]
+    workspace = next(iter(fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces")))
+    container = f"azureml-blobstore-{workspace['properties']['workspaceId']}"
+    stored = fake_azure.blob.blobs(container)  # the bytes really went to (Azurite's) Blob Storage
+    assert sorted(stored.values()) == sorted(
+        {train.read_bytes(), validation.read_bytes(), train.read_bytes()[: len(train.read_bytes()) // 2]}
+    )
+
+
+def test_a_role_granted_earlier_under_another_name_counts_as_granted(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    cfg = RunConfig()
+    identity = azure_backend.ensure_identity(cfg).details["identity"]
+    fake_azure.principals[identity["principal_id"]] = 0  # replicated long ago
+    group = ws.split("/providers/")[0]
+    seed.role_assignment(fake_azure, group, identity["principal_id"], "b24988ac-6180-42a0-ab88-20f7382dd24c")
+
+    result = azure_backend.ensure_role_assignments(cfg)
+
+    assert result.details["roles"] == {
+        "Contributor": "existed",
+        "Storage Blob Data Reader": "created",
+        "AcrPull": "created",
+    }
+    assert [e.status for e in fake_azure.server.exchanges if e.route == "role-assignment"] == [409, 201, 201]

@@ -1,0 +1,111 @@
+"""The Azure pipeline is idempotent and survives what real Azure does: re-runs, a host killed mid-run,
+throttling, server errors and timeouts on every call."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tests.fake_arm.azure import FakeAzure
+from tests.fake_arm.faults import FirstCallFails
+from tests.fake_arm.hosting import ONE_OF_EACH, AzureHost, finished, one_of_each, run_body
+
+pytestmark = pytest.mark.slow
+
+pytest_plugins = ["tests.fake_arm.fixtures"]
+
+
+def creates(fake: FakeAzure, since: int = 0) -> list[str]:
+    return [
+        f"{e.method} {e.route}"
+        for e in fake.server.exchanges[since:]
+        if e.method in ("PUT", "PATCH") and e.status < 300
+    ]
+
+
+def test_running_the_same_run_id_twice_creates_nothing_new(azure_host: AzureHost, fake_azure: FakeAzure):
+    first = azure_host.run_to_end(run_body("az-twice"))
+    assert first["status"] == "Completed", json.dumps(first.get("error"))
+    before = len(fake_azure.server.exchanges)
+
+    again = azure_host.run_to_end(run_body("az-twice"))
+    assert again["status"] == "Completed", json.dumps(again.get("error"))
+    assert one_of_each(fake_azure) == ONE_OF_EACH
+    # The second run finds everything. The only writes: the role assignments' idempotent PUTs
+    # (deterministic names: Azure answers with the existing assignment) and the connection's upsert
+    # (it carries the endpoint's current key, which may have been regenerated).
+    assert set(creates(fake_azure, before)) == {"PUT role-assignment", "PUT connection"}
+    assert again["model"] == first["model"] and again["endpoint"]["name"] == first["endpoint"]["name"]
+
+
+def test_a_host_killed_while_the_job_runs_resumes_with_one_of_each_resource(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    running = ("Running",) * 12  # a job long enough to kill the host while it runs
+    fake_azure.config.job_statuses = (
+        "NotStarted",
+        "Queued",
+        "Preparing",
+        *running,
+        "Finalizing",
+        "Completed",
+    )
+    host = AzureHost(fake_azure, tmp_path)
+    host.start()
+    try:
+        run_id = host.start_run(run_body("az-killed"))
+
+        def job_running(s: dict) -> bool:
+            live = next(x for x in s["steps"] if x["name"] == "wait_for_finetune").get("live") or {}
+            return live.get("status") == "Running" or finished(s)
+
+        assert not finished(host.wait_summary(run_id, job_running))
+        host.kill()
+        host.start()
+        done = host.wait_summary(run_id, finished)
+    finally:
+        host.stop()
+    assert done["status"] == "Completed", json.dumps(done.get("error"))
+    assert one_of_each(fake_azure) == ONE_OF_EACH
+    assert len([e for e in fake_azure.server.exchanges if e.route == "job" and e.method == "PUT"]) == 1
+
+
+def test_throttling_server_errors_and_timeouts_on_every_call_are_survived(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    faults = FirstCallFails()
+    fake_azure.server.fault_plan = faults
+    fake_azure.server.stall_seconds = 3.0  # the app's AZURE_HTTP_TIMEOUT_SECONDS is 3 in these tests
+    host = AzureHost(fake_azure, tmp_path)
+    host.env["AZURE_HTTP_TIMEOUT_SECONDS"] = "2"
+    host.start()
+    try:
+        done = host.run_to_end(run_body("az-faults"), timeout=420)
+    finally:
+        host.stop()
+    assert done["status"] == "Completed", json.dumps(done.get("error"))
+    assert one_of_each(fake_azure) == ONE_OF_EACH
+    kinds = {kind for _, _, kind in faults.injected}
+    assert kinds == {"429", "503", "stall"}
+    faulted_routes = {route for _, route, _ in faults.injected}
+    assert {
+        "token",
+        "job",
+        "online-endpoint",
+        "online-deployment",
+        "role-assignment",
+        "scoring",
+    } <= faulted_routes
+    # A stalled PUT had already been applied when the client retried it: still exactly one job.
+    assert (
+        len(
+            [
+                e
+                for e in fake_azure.server.exchanges
+                if e.route == "job" and e.method == "PUT" and e.status < 300
+            ]
+        )
+        == 1
+    )

@@ -1,0 +1,178 @@
+"""The endpoint cleanup: only this app's endpoints, expired or idle ones, deployments before endpoints,
+dry run only reports — on the local backend (real loopback servers) and the Azure backend (the fake)."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+
+from activities.steps import MANAGED_BY
+from backends.local.backend import LocalBackend
+from pipeline.cleanup import run_cleanup
+from settings import AppSettings
+from tests.fake_arm import seed
+from tests.fake_arm.azure import FakeAzure
+from tests.fake_arm.hosting import RESOURCE_GROUP, WORKSPACE, AzureHost
+
+NOW = datetime.now(UTC).replace(microsecond=0)
+
+pytest_plugins = ["tests.fake_arm.fixtures"]
+
+
+def tags(expires: datetime | None = None, managed: bool = True) -> dict[str, str]:
+    out = {"run-id": "r1"}
+    if managed:
+        out["managed-by"] = MANAGED_BY
+    if expires:
+        out["expires-at"] = expires.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return out
+
+
+@pytest.fixture
+def local(tmp_path: Path):
+    backend = LocalBackend(AppSettings(PHI3_STATE_DIR=str(tmp_path / "phi3")))
+    yield backend
+    backend.endpoints.stop_all()
+
+
+def local_endpoints(backend: LocalBackend) -> set[str]:
+    return {e.name for e in backend.list_endpoints()}
+
+
+def test_local_cleanup_deletes_expired_and_idle_endpoints_it_made_and_never_others(local: LocalBackend):
+    later = NOW + timedelta(hours=3)  # the cleanup runs three hours after the endpoints were made
+    local.endpoints.create_or_update_endpoint("ep-expired", tags=tags(expires=NOW + timedelta(hours=1)))
+    local.endpoints.create_or_update_endpoint("ep-never-used", tags=tags(expires=NOW + timedelta(days=1)))
+    local.endpoints.create_or_update_endpoint("ep-in-use", tags=tags(expires=NOW + timedelta(days=1)))
+    local.endpoints.create_or_update_endpoint(
+        "ep-not-ours", tags=tags(expires=NOW - timedelta(days=1), managed=False)
+    )
+    marker = Path(local.root) / "endpoints" / "ep-in-use" / "last_used"
+    marker.touch()
+    used = (later - timedelta(minutes=5)).timestamp()
+    os.utime(marker, (used, used))  # the scoring server answered 5 minutes before the cleanup
+
+    summary = run_cleanup(local, dry_run=False, idle_minutes=120, now=later)
+
+    assert sorted(summary.deleted) == ["ep-expired", "ep-never-used"]
+    assert local_endpoints(local) == {"ep-in-use", "ep-not-ours"}
+    reasons = {d.endpoint: d.reason for d in summary.decisions}
+    assert reasons["ep-expired"].startswith("expired at")
+    assert reasons["ep-never-used"].startswith("idle: created (never used)")
+    assert "last used" in reasons["ep-in-use"]
+    assert "ep-not-ours" not in reasons and summary.seen == 4 and summary.managed == 3
+
+
+def test_local_dry_run_reports_what_it_would_delete_and_deletes_nothing(local: LocalBackend):
+    local.endpoints.create_or_update_endpoint("ep-expired", tags=tags(expires=NOW - timedelta(minutes=1)))
+
+    summary = run_cleanup(local, dry_run=True, idle_minutes=120)
+
+    assert [(d.endpoint, d.action) for d in summary.decisions] == [("ep-expired", "would-delete")]
+    assert summary.deleted == [] and local_endpoints(local) == {"ep-expired"}
+
+
+def test_azure_cleanup_moves_traffic_off_and_deletes_deployments_before_the_endpoint(
+    fake_azure: FakeAzure, azure_backend
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    ep = seed.online_endpoint(
+        fake_azure,
+        ws,
+        "phi3ft-old",
+        tags=tags(expires=NOW - timedelta(hours=1)),
+        created_at=NOW - timedelta(days=1),
+        deployments={"blue": 100, "base": 0},
+    )
+    seed.online_endpoint(
+        fake_azure,
+        ws,
+        "someone-elses",
+        tags=tags(expires=NOW - timedelta(days=9), managed=False),
+        created_at=NOW - timedelta(days=9),
+        deployments={"green": 100},
+    )
+    before = len(fake_azure.server.exchanges)
+
+    summary = run_cleanup(azure_backend, dry_run=False, idle_minutes=120)
+
+    assert summary.deleted == ["phi3ft-old"] and sorted(summary.decisions[0].deployments) == ["base", "blue"]
+    writes = [e for e in fake_azure.server.exchanges[before:] if e.method in ("PUT", "DELETE")]
+    assert [(e.method, e.route) for e in writes] == [
+        ("PUT", "online-endpoint"),
+        ("DELETE", "online-deployment"),
+        ("DELETE", "online-deployment"),
+        ("DELETE", "online-endpoint"),
+    ]
+    assert not any(writes[0].request_body["properties"]["traffic"].values())  # azure-ai-ml sends 0 % as {}
+    assert {e.path.rsplit("/", 1)[-1] for e in writes[1:3]} == {"base", "blue"}
+    assert fake_azure.store.find(ep) is None
+    assert [
+        e["name"]
+        for e in fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/onlineEndpoints")
+    ] == ["someone-elses"]
+    # Only this app's endpoints are asked about their use (Azure Monitor is not queried for others).
+    assert {
+        e.path.split("/onlineEndpoints/")[1].split("/")[0]
+        for e in fake_azure.server.exchanges
+        if e.route == "metrics"
+    } <= {"phi3ft-old"}
+
+
+def test_azure_idle_is_measured_from_request_metrics_and_then_from_creation(
+    fake_azure: FakeAzure, azure_backend
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    far = NOW + timedelta(days=1)
+    busy = seed.online_endpoint(
+        fake_azure, ws, "phi3ft-busy", tags=tags(expires=far), created_at=NOW - timedelta(hours=5)
+    )
+    seed.requests_at(fake_azure, busy, NOW - timedelta(minutes=30))
+    quiet = seed.online_endpoint(
+        fake_azure, ws, "phi3ft-quiet", tags=tags(expires=far), created_at=NOW - timedelta(hours=5)
+    )
+    seed.requests_at(fake_azure, quiet, NOW - timedelta(hours=4))  # before the 2-hour window
+    seed.online_endpoint(
+        fake_azure, ws, "phi3ft-new", tags=tags(expires=far), created_at=NOW - timedelta(minutes=10)
+    )
+
+    summary = run_cleanup(azure_backend, dry_run=True, idle_minutes=120)
+
+    actions = {d.endpoint: d.action for d in summary.decisions}
+    assert actions == {"phi3ft-busy": "keep", "phi3ft-quiet": "would-delete", "phi3ft-new": "keep"}
+    assert len(fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/onlineEndpoints")) == 3
+
+
+def test_the_timer_runs_on_the_configured_schedule_and_the_manual_trigger_returns_the_summary(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    seed.online_endpoint(
+        fake_azure,
+        ws,
+        "phi3ft-old",
+        tags=tags(expires=NOW - timedelta(hours=1)),
+        created_at=NOW - timedelta(days=1),
+        deployments={"blue": 100},
+    )
+    host = AzureHost(fake_azure, tmp_path)
+    host.env["CLEANUP_SCHEDULE"] = "0 */5 * * * *"
+    host.start()
+    try:
+        listed = requests.get(f"{host.url}/admin/functions", timeout=30).json()
+        timer = next(f for f in listed if f["name"] == "cleanup_endpoints")
+        assert "0 */5 * * * *" in str(timer)
+        dry = requests.post(f"{host.url}/api/cleanup", params={"dry_run": "true"}, timeout=120).json()
+        assert [(d["endpoint"], d["action"]) for d in dry["decisions"]] == [("phi3ft-old", "would-delete")]
+        real = requests.post(f"{host.url}/api/cleanup", timeout=120).json()
+        assert [(d["endpoint"], d["action"], d["deployments"]) for d in real["decisions"]] == [
+            ("phi3ft-old", "delete", ["blue"])
+        ]
+    finally:
+        host.stop()
+    assert fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/onlineEndpoints") == []
+    assert "cleanup deleted endpoint=phi3ft-old" in host.log_text()
