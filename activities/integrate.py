@@ -6,6 +6,7 @@ import time
 
 from activities.steps import StepInput, first_question
 from backends.protocol import MLBackend
+from backends.scoring import contract_for
 from pipeline.config import resolve_project_path
 from pipeline.steps import StepResult
 from settings import get_settings
@@ -25,7 +26,10 @@ def flow_runner(backend: MLBackend, inp: StepInput, deployment: str | None):
     ep = backend.get_endpoint(inp.names["endpoint"])
     key = backend.get_endpoint_keys(inp.names["endpoint"]).primary.get_secret_value()
     options = GenerationOptions(
-        temperature=0.0, max_new_tokens=inp.config.deployment.max_new_tokens, deployment=deployment
+        temperature=0.0,
+        max_new_tokens=inp.config.deployment.max_new_tokens,
+        deployment=deployment,
+        contract=contract_for(ep.kind),
     )
     return get_flow_runner(
         ep.scoring_uri or "",

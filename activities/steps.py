@@ -245,7 +245,7 @@ def first_question(inp: StepInput) -> str:
 
 
 def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
-    from backends.scoring import chat_sync
+    from backends.scoring import chat_sync, contract_for
 
     name = inp.names["endpoint"]
     ep = backend.get_endpoint(name)
@@ -258,6 +258,7 @@ def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
         [{"role": "user", "content": question}],
         temperature=0.0,
         max_new_tokens=inp.config.deployment.max_new_tokens,
+        contract=contract_for(ep.kind),
     )
     latency_ms = round((time.perf_counter() - started) * 1000, 1)
     if not answer.strip():

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -106,6 +107,49 @@ def build_scoring_request(
         }
     }
     return validate_scoring_request(body).model_dump(exclude_none=True)
+
+
+Contract = Literal["mlflow", "chat-completions"]
+
+
+def contract_for(endpoint_kind: str | None) -> Contract:
+    """Managed online endpoints speak Azure ML's MLflow contract; serverless ones the chat-completions API."""
+    return "chat-completions" if endpoint_kind == "serverless" else "mlflow"
+
+
+def build_chat_completions_request(
+    messages: list[dict[str, str]], *, temperature: float, max_new_tokens: int, **params: Any
+) -> dict[str, Any]:
+    """Azure AI model inference (serverless endpoints): POST <scoring_uri>/chat/completions."""
+    # The same checks as the MLflow contract (roles, contents, parameter types), then the other shape.
+    checked = build_scoring_request(
+        messages, temperature=temperature, max_new_tokens=max_new_tokens, **params
+    )
+    body: dict[str, Any] = {
+        "messages": checked["input_data"]["input_string"],
+        "temperature": temperature,
+        "max_tokens": max_new_tokens,
+    }
+    if params.get("top_p") is not None:
+        body["top_p"] = params["top_p"]
+    return body
+
+
+def parse_chat_completions_response(body: bytes | str | dict[str, Any]) -> str:
+    if isinstance(body, bytes | str):
+        try:
+            body = json.loads(body)
+        except ValueError:
+            raise ScoringResponseError(f"chat-completions response is not JSON: {_excerpt(body)!r}") from None
+    try:
+        answer = body["choices"][0]["message"]["content"]  # type: ignore[index]
+    except (KeyError, IndexError, TypeError):
+        answer = None
+    if not isinstance(answer, str):
+        raise ScoringResponseError(
+            f"chat-completions response has no choices[0].message.content: {_excerpt(json.dumps(body))!r}"
+        )
+    return answer
 
 
 class ScoringError(Exception):
@@ -286,12 +330,23 @@ class ScoringClient:
         timeout: float | None = None,
         temperature: float = 0.7,
         max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        contract: Contract = "mlflow",
         **params: Any,
     ) -> str:
         """The model's answer to the conversation ``messages``."""
-        body = build_scoring_request(
-            messages, temperature=temperature, max_new_tokens=max_new_tokens, **params
-        )
+        if contract == "chat-completions":
+            body = build_chat_completions_request(
+                messages, temperature=temperature, max_new_tokens=max_new_tokens, **params
+            )
+            scoring_uri, parse = (
+                scoring_uri.rstrip("/") + "/chat/completions",
+                parse_chat_completions_response,
+            )
+        else:
+            body = build_scoring_request(
+                messages, temperature=temperature, max_new_tokens=max_new_tokens, **params
+            )
+            parse = parse_scoring_response
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
         if deployment:
             headers[DEPLOYMENT_HEADER] = deployment
@@ -306,7 +361,7 @@ class ScoringClient:
         )
         async for attempt in retrying:
             with attempt:
-                return await self._post_once(scoring_uri, key, body, headers, client_timeout)
+                return await self._post_once(scoring_uri, key, body, headers, client_timeout, parse)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _post_once(
@@ -316,6 +371,7 @@ class ScoringClient:
         body: dict[str, Any],
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
+        parse: Callable[[bytes], str] = parse_scoring_response,
     ) -> str:
         target = _describe_target(scoring_uri)
         try:
@@ -323,7 +379,7 @@ class ScoringClient:
                 payload = await resp.read()
                 if resp.status != 200:
                     raise _error_for_status(resp.status, payload, resp.headers, target=target, key=key)
-                return parse_scoring_response(payload)
+                return parse(payload)
         except ScoringError:
             raise
         except TimeoutError:

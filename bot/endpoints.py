@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from activities.steps import MANAGED_BY  # the pipeline's endpoint step tags what it creates with it
 from backends.protocol import BackendError, EndpointState, MLBackend, NotFoundError
+from backends.scoring import Contract, contract_for
 
 log = logging.getLogger("bot.endpoints")
 
@@ -31,6 +32,7 @@ class EndpointChoice:
     scoring_uri: str
     deployment: str | None  # the deployment taking the traffic
     chosen_by: str  # "BOT_ENDPOINT_NAME" or "newest healthy"
+    kind: str = "online"  # "serverless" endpoints speak the chat-completions contract
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,10 @@ class ModelEndpoint:
     @property
     def scoring_uri(self) -> str:
         return self.choice.scoring_uri
+
+    @property
+    def contract(self) -> Contract:
+        return contract_for(self.choice.kind)
 
 
 def is_healthy(endpoint: EndpointState) -> bool:
@@ -63,7 +69,7 @@ def _serving_deployment(endpoint: EndpointState) -> str | None:
 def newest_healthy(endpoints: list[EndpointState]) -> EndpointState | None:
     """The newest healthy online endpoint this app made (by creation time, else by ``expires-at``).
 
-    Serverless (Azure AI Foundry) endpoints speak another contract than the scoring one: skipped.
+    A serverless endpoint (chat-completions contract) answers only when BOT_ENDPOINT_NAME names it.
     """
     ours = [
         e
@@ -140,7 +146,9 @@ class EndpointDirectory:
             endpoint, chosen_by = found, "newest healthy"
         assert endpoint.scoring_uri  # is_healthy checked it
         log.info("bot endpoint chosen endpoint=%s chosen_by=%s", endpoint.name, chosen_by)
-        return EndpointChoice(endpoint.name, endpoint.scoring_uri, _serving_deployment(endpoint), chosen_by)
+        return EndpointChoice(
+            endpoint.name, endpoint.scoring_uri, _serving_deployment(endpoint), chosen_by, endpoint.kind
+        )
 
     def _fetch_key(self, name: str) -> str:
         try:

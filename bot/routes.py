@@ -9,6 +9,7 @@ that knows about the flow runner (``flows.runner``).
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 from typing import Protocol
 
 from backends.scoring import ScoringClient
@@ -45,6 +46,7 @@ class DirectRoute:
             timeout=self.timeout_s,
             temperature=self.temperature,
             max_new_tokens=self.max_new_tokens,
+            contract=endpoint.contract,
         )
 
 
@@ -64,7 +66,6 @@ class FlowRoute:
         )
 
     async def answer(self, endpoint: ModelEndpoint, question: str, history: list[dict[str, str]]) -> str:
-        runner = await asyncio.to_thread(
-            get_flow_runner, endpoint.scoring_uri, endpoint.key, options=self.options
-        )
+        options = replace(self.options, contract=endpoint.contract)
+        runner = await asyncio.to_thread(get_flow_runner, endpoint.scoring_uri, endpoint.key, options=options)
         return await runner.answer(question, history)

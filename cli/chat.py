@@ -11,7 +11,7 @@ from rich.console import Console
 
 from backends.factory import create_backend
 from backends.protocol import BackendError
-from backends.scoring import ScoringError, chat_sync
+from backends.scoring import ScoringError, chat_sync, contract_for
 from settings import get_settings
 
 HISTORY_CHARS = 6000  # keeps the prompt well inside a 4k-token context
@@ -69,7 +69,12 @@ def chat_loop(
         messages = trim_history([*history, {"role": "user", "content": text}])
         try:
             answer = chat_sync(
-                ep.scoring_uri, key, messages, temperature=temperature, max_new_tokens=max_new_tokens
+                ep.scoring_uri,
+                key,
+                messages,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                contract=contract_for(ep.kind),
             )
         except ScoringError as exc:
             console.print(f"[red]the model did not answer: {exc}[/]")

@@ -60,6 +60,7 @@ class GenerationOptions:
     max_prompt_chars: int | None = None
     timeout_s: float | None = None
     deployment: str | None = None  # Azure ML's azureml-model-deployment header: one named deployment
+    contract: str | None = None  # "mlflow" (online endpoint) or "chat-completions" (serverless endpoint)
 
     def overrides(self) -> dict[str, Any]:
         values = {
@@ -68,6 +69,7 @@ class GenerationOptions:
             "max_prompt_chars": self.max_prompt_chars,
             "timeout_s": self.timeout_s,
             "deployment": self.deployment,
+            "contract": self.contract,
         }
         return {f"nodes.{NODE}.inputs.{k}": v for k, v in values.items() if v is not None}
 

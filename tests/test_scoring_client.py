@@ -25,6 +25,8 @@ from backends.scoring import (
     ScoringUnavailableError,
     build_scoring_request,
     chat_sync,
+    contract_for,
+    parse_chat_completions_response,
     parse_scoring_response,
 )
 
@@ -72,7 +74,20 @@ def _stub_app(stub: Stub) -> web.Application:
             await stub.never.wait()  # never set: the client has to give up
         return responses[case]()
 
+    async def chat_completions(request: web.Request) -> web.Response:
+        """Azure AI model inference, as serverless endpoints answer it."""
+        stub.hits["chat-completions"] += 1
+        stub.last_request = {
+            "path": request.path,
+            "headers": dict(request.headers),
+            "body": await request.json(),
+        }
+        return web.json_response(
+            {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}}]}
+        )
+
     app = web.Application()
+    app.router.add_post("/serverless/chat/completions", chat_completions)
     app.router.add_post("/{case}", handle)
     return app
 
@@ -103,6 +118,28 @@ def closed_port() -> int:
 
 
 # -- the contract ---------------------------------------------------------------------------------
+async def test_a_serverless_endpoint_is_asked_through_the_chat_completions_contract(stub, client):
+    history = [*MESSAGES, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again?"}]
+    answer = await client.chat(
+        stub.uri("serverless"),
+        KEY,
+        history,
+        temperature=0.0,
+        max_new_tokens=16,
+        contract=contract_for("serverless"),
+    )
+    assert answer == "Hi!"
+    assert stub.last_request["path"] == "/serverless/chat/completions"
+    assert stub.last_request["body"] == {"messages": history, "temperature": 0.0, "max_tokens": 16}
+    assert stub.last_request["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+def test_a_chat_completions_answer_without_choices_is_a_response_error():
+    with pytest.raises(ScoringResponseError, match=r"choices\[0\].message.content"):
+        parse_chat_completions_response(b'{"output": "wrong contract"}')
+    assert contract_for("online") == "mlflow"
+
+
 async def test_chat_sends_the_scoring_contract_and_returns_the_output(stub, client):
     history = [*MESSAGES, {"role": "assistant", "content": "Hi."}, {"role": "user", "content": "Again?"}]
     answer = await client.chat(

@@ -93,20 +93,37 @@ def answer_with_phi3(
     max_prompt_chars: int = 9000,
     timeout_s: float = 90.0,
     deployment: str = "",
+    contract: str = "mlflow",
 ) -> str:
-    """The model's answer to ``question`` given ``chat_history`` (Prompt flow's chat history shape)."""
+    """The model's answer to ``question`` given ``chat_history`` (Prompt flow's chat history shape).
+
+    ``contract``: "mlflow" for a managed online endpoint (the tutorial's), "chat-completions" for a
+    serverless endpoint (Azure AI model inference: POST <endpoint>/chat/completions).
+    """
     endpoint, key = _endpoint_and_key(connection)
     messages = conversation_messages(question, chat_history, max_prompt_chars=max_prompt_chars)
-    body = {
-        "input_data": {
-            "input_string": messages,
-            "parameters": {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)},
-        }
-    }
     headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+    if contract == "chat-completions":
+        url = endpoint.rstrip("/") + "/chat/completions"
+        body: dict = {
+            "messages": messages,
+            "temperature": float(temperature),
+            "max_tokens": int(max_new_tokens),
+        }
+    elif contract == "mlflow":
+        url = endpoint
+        body = {
+            "input_data": {
+                "input_string": messages,
+                "parameters": {"temperature": float(temperature), "max_new_tokens": int(max_new_tokens)},
+            }
+        }
+    else:
+        raise FlowInputError(f"contract must be 'mlflow' or 'chat-completions', not {contract!r}")
     if deployment:
         headers["azureml-model-deployment"] = deployment  # Azure ML's header to pick one deployment
-    return _post(endpoint, key, json.dumps(body).encode("utf-8"), headers, timeout_s=float(timeout_s))
+    payload = _post(url, key, json.dumps(body).encode("utf-8"), headers, timeout_s=float(timeout_s))
+    return _answer(payload, f"scoring endpoint {_describe(url)}", contract)
 
 
 def conversation_messages(question: str, chat_history: list | None, *, max_prompt_chars: int) -> list[dict]:
@@ -168,7 +185,7 @@ def _endpoint_and_key(connection: CustomConnection) -> tuple[str, str]:
     return endpoint, key
 
 
-def _post(endpoint: str, key: str, data: bytes, headers: dict[str, str], *, timeout_s: float) -> str:
+def _post(endpoint: str, key: str, data: bytes, headers: dict[str, str], *, timeout_s: float) -> bytes:
     where = f"scoring endpoint {_describe(endpoint)}"
     request = urllib.request.Request(endpoint, data=data, headers=headers, method="POST")
     try:
@@ -185,16 +202,26 @@ def _post(endpoint: str, key: str, data: bytes, headers: dict[str, str], *, time
         raise EndpointUnreachableError(f"cannot connect to {where}: {error.reason}") from None
     except (http.client.HTTPException, ConnectionError) as error:
         raise EndpointFailedError(f"{where} dropped the connection ({type(error).__name__})") from None
-    return _answer(payload, where)
+    return payload
 
 
-def _answer(payload: bytes, where: str) -> str:
+def _answer(payload: bytes, where: str, contract: str = "mlflow") -> str:
     try:
         body: Any = json.loads(payload)
     except ValueError:
         raise MalformedAnswerError(
             f"{where} answered with a body that is not JSON: {_excerpt(payload)!r}"
         ) from None
+    if contract == "chat-completions":
+        try:
+            answer = body["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            answer = None
+        if not isinstance(answer, str):
+            raise MalformedAnswerError(
+                f"{where} answered {_excerpt(payload)!r}; expected choices[0].message.content"
+            )
+        return answer
     if not isinstance(body, dict) or not isinstance(body.get("output"), str):
         raise MalformedAnswerError(
             f'{where} answered {_excerpt(payload)!r}; the scoring contract is {{"output": "<string>"}}'
