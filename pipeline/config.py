@@ -75,6 +75,20 @@ class ComputeSection(_Section):
     max_instances: int = Field(1, ge=1, le=100)
     idle_time_before_scale_down: int = Field(120, ge=0, le=86400)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Local backend throughput switches ("auto": the fast choice on a GPU, unchanged on a CPU).
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the layers (auto: CUDA)")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: only when the micro-batch planned from free GPU memory would not fit"
+    )
+    attention: Literal["auto", "sdpa", "eager", "packed_varlen"] = Field(
+        "auto", description="auto: flash-attention varlen over packed rows on bf16 GPUs, sdpa elsewhere"
+    )
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger Triton kernels (auto: on CUDA when liger-kernel is installed)"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=16, le=1_048_576, description="default: planned from free GPU memory"
+    )
 
 
 class DeploymentSection(_Section):
@@ -238,6 +252,9 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
         )
     if hp.lora_alpha < hp.lora_r and hp.apply_lora:
         add("hyperparameters.lora_alpha", f"should be at least lora_r ({hp.lora_r}); the usual choice is 2×r")
+    flow_dir = resolve_project_path(cfg.promptflow.flow)
+    if not (flow_dir / "flow.dag.yaml").is_file():
+        add("promptflow.flow", f"{cfg.promptflow.flow} is not a Prompt flow folder (no flow.dag.yaml)")
     if cfg.dataset.files is None and not cfg.dataset.hub_id:
         add("dataset", "give either dataset.hub_id (with split) or dataset.files")
     for i, name in enumerate(cfg.dataset.files or []):

@@ -304,3 +304,26 @@ def test_admin_endpoint_runs_a_timer_function_by_hand(host):
     while len(records(host.activity_log, "tick")) <= before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert len(records(host.activity_log, "tick")) > before
+
+
+def test_malformed_management_requests_get_a_clear_400(host):
+    bad_json = requests.post(
+        f"{host.durable}/orchestrators/hello_chain",
+        data="{not json",
+        headers={"Content-Type": "application/json"},
+        timeout=10,
+    )
+    assert bad_json.status_code == 400 and "not valid JSON" in bad_json.json()["Message"]
+    bad_id = requests.post(f"{host.durable}/orchestrators/hello_chain/%40starts-with-at", timeout=10)
+    assert bad_id.status_code == 400 and "must not start with '@'" in bad_id.json()["Message"]
+    iid = host.start_orchestration("waits_forever")
+    wrong_type = requests.post(
+        f"{host.durable}/instances/{iid}/raiseEvent/never",
+        data="x",
+        headers={"Content-Type": "text/plain"},
+        timeout=10,
+    )
+    assert wrong_type.status_code == 400
+    no_filter = requests.delete(f"{host.durable}/instances/", timeout=10)
+    assert no_filter.status_code == 400 and "createdTimeFrom" in no_filter.json()["Message"]
+    requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "cleanup"}, timeout=10)

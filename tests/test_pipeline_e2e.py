@@ -171,3 +171,21 @@ def test_cancel_during_fine_tune_cancels_the_job_and_leaves_nothing_running(stac
     assert monitor["runtimeStatus"] == "Terminated"
     again = requests.post(f"{stack.url}/api/runs/{run_id}/cancel", timeout=60)
     assert again.status_code == 409
+
+
+def test_a_failed_step_records_what_exists_and_cleans_it_up_when_asked(stack):
+    body = {
+        "preset": "smoke",
+        "promptflow": {"flow": "tests/apps/broken_flow"},
+        "cleanup_on_failure": True,
+        "evaluation": {"enabled": False},
+    }
+    run_id = start_run(stack, body)
+    done = wait_summary(stack, run_id, finished)
+    assert done["status"] == "Failed"
+    assert done["error"]["step"] == "flow_smoke"
+    assert "cannot load the flow" in done["error"]["message"]
+    kinds = {r["kind"] for r in done["created_resources"]}
+    assert {"data", "job", "model", "endpoint", "deployment", "connection"} <= kinds
+    endpoints = Path(stack.settings.state_dir) / "endpoints"
+    assert not [p for p in endpoints.iterdir() if not p.name.startswith(".")], "cleanup left the endpoint"

@@ -107,6 +107,7 @@ BAD_CONFIGS = [
     ({}, "model.name", "PHI3_LOCAL_CHECKPOINT_DIR"),
     ({**SMOKE, "evaluation": {"sample_size": 0}}, "evaluation.sample_size", "greater than or equal to 1"),
     ({**SMOKE, "promptflow": {"connection_name": "has space"}}, "promptflow.connection_name", "pattern"),
+    ({**SMOKE, "promptflow": {"flow": "flows/nope"}}, "promptflow.flow", "no flow.dag.yaml"),
 ]
 
 
