@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from backends.protocol import DataAssets, MLBackend, NotFoundError, RegisteredModel, ResourceRef, SetupResult
 from pipeline.chat_dataset import HubDataset, LocalFiles, load_rows, prepare_dataset
-from pipeline.config import RunConfig, resolve_project_path
+from pipeline.config import LOCAL_BASE_MODELS, RunConfig, resolve_project_path
 from pipeline.steps import StepResult
 from settings import get_settings
 
@@ -96,6 +96,14 @@ def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
     )
     if report.rows_dropped:
         summary += f"; dropped {report.rows_dropped} invalid rows (see {report.problems_file})"
+    # The Azure time estimate is for Phi-3-mini-sized models; the local demo models are far smaller.
+    estimate = (
+        None
+        if inp.config.model.name in LOCAL_BASE_MODELS
+        else _training_estimate(inp, report.estimated_training_tokens)
+    )
+    if estimate:
+        summary += f"; {estimate.summary}"
     dataset = {
         "rows_read": report.rows_read,
         "rows_valid": report.rows_valid,
@@ -103,6 +111,14 @@ def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
         "train_rows": report.train_rows,
         "test_rows": report.test_rows,
         "estimated_training_tokens": report.estimated_training_tokens,
+        "estimated_training": {
+            "sku": estimate.sku,
+            "seconds": estimate.seconds,
+            "basis": estimate.basis,
+            "summary": estimate.summary,
+        }
+        if estimate
+        else None,
         "tokens": {
             "tokenizer": tokens.tokenizer,
             "total": tokens.total_tokens,
@@ -115,6 +131,16 @@ def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
         "test_file": report.test_file.model_dump(mode="json"),
     }
     return StepResult(summary=summary, outputs={"dataset": dataset})
+
+
+def _training_estimate(inp: StepInput, tokens: int):
+    """How long the fine-tune would take on the configured Azure SKU, from measured throughput if any."""
+    from pipeline.cost import best_measurement, estimate_training, read_measurements
+
+    measured = best_measurement(read_measurements(get_settings().state_dir / "throughput.jsonl"))
+    return estimate_training(
+        tokens, inp.config.compute.size, measured, full_finetune=not inp.config.hyperparameters.apply_lora
+    )
 
 
 def upload_data(inp: StepInput, backend: MLBackend) -> StepResult:

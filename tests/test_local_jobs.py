@@ -265,7 +265,8 @@ def test_canceling_a_running_job_stops_its_process_and_reports_canceled(runner, 
 
 def test_a_trainer_that_dies_without_a_final_status_is_reported_failed(runner, long_job):
     os.kill(long_job.pid, signal.SIGKILL)
-    wait_until(lambda: trainer_pids(long_job.job_dir) == [], timeout=30, what="the trainer to die")
+    # /proc's cmdline empties before the process is reaped: wait on the runner's view, not on /proc.
+    wait_until(lambda: runner.get("long").status != "Running", timeout=30, what="the runner to see the death")
 
     job = runner.get("long")
 

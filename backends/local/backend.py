@@ -71,6 +71,8 @@ class LocalBackend:
         os.environ["MLFLOW_TRACKING_URI"] = settings.mlflow_tracking_uri
         os.environ["MLFLOW_REGISTRY_URI"] = settings.mlflow_tracking_uri
         self.jobs = LocalJobRunner(self.root)
+        # Every job appends its measured tokens/s here; dataset preparation turns it into a time estimate.
+        self.throughput_log = self.root / "throughput.jsonl"
         self.registry = LocalRegistry(settings.mlflow_tracking_uri, self.root / "mlartifacts")
         self.endpoints = LocalEndpoints(self.root, tracking_uri=settings.mlflow_tracking_uri)
         # The host restarts endpoints whose server died with it; a client (the CLI) must not revive them.
@@ -200,6 +202,12 @@ class LocalBackend:
             full_finetune=not hp.apply_lora,
             seed=hp.seed,
             device=cfg.compute.device,
+            compile=cfg.compute.compile,
+            gradient_checkpointing=cfg.compute.gradient_checkpointing,
+            attention=cfg.compute.attention,
+            fused_kernels=cfg.compute.fused_kernels,
+            max_tokens_per_micro_batch=cfg.compute.max_tokens_per_micro_batch,
+            throughput_log=self.throughput_log,
             mlflow_tracking_uri=self.settings.mlflow_tracking_uri,
             mlflow_experiment=EXPERIMENT,
             run_tags={"run_id": run_id, "job_name": job_name},

@@ -118,11 +118,91 @@ def iter_message_contents(corpus_files: list[Path]) -> Iterator[str]:
                     ) from error
 
 
+# Phi-3-mini-4k-instruct's architecture (its config.json): 3.8 B parameters, bf16 on disk.
+PHI3_MINI_SHAPE: dict[str, Any] = {
+    "vocab_size": 32064,
+    "hidden_size": 3072,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "sliding_window": 2047,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
+TINY_PHI3_SHAPE: dict[str, Any] = {
+    "hidden_size": 128,
+    "intermediate_size": 512,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 4096,
+    "original_max_position_embeddings": 4096,
+    "tie_word_embeddings": False,
+}
+
+
 def build_tiny_phi3(out_dir: Path, *, corpus_files: list[Path], seed: int = 0) -> Path:
     """Build a ~0.7 M-parameter Phi3ForCausalLM and a BPE tokenizer trained on the corpus' messages."""
+    return build_phi3_from_config(out_dir, corpus_files=corpus_files, shape=TINY_PHI3_SHAPE, seed=seed)
+
+
+def build_phi3_from_config(
+    out_dir: Path,
+    *,
+    corpus_files: list[Path],
+    shape: dict[str, Any],
+    seed: int = 0,
+    dtype: Any = None,
+    device: str = "cpu",
+) -> Path:
+    """A Phi3ForCausalLM of the given shape with random weights, saved as a checkpoint directory.
+
+    With `PHI3_MINI_SHAPE` it has Phi-3-mini's architecture (weights cannot be downloaded here),
+    so the real `from_pretrained` path can be exercised at full size; `device="cuda"` initialises
+    the 3.8 B weights on the GPU in seconds. Without a `vocab_size` the vocabulary is the tokenizer's.
+    """
     import torch
+    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM
+
+    tokenizer = _train_phi3_tokenizer(corpus_files)
+    ids: dict[str, Any] = {token: tokenizer.convert_tokens_to_ids(token) for token in PHI3_SPECIAL_TOKENS}
+    config = Phi3Config(
+        **{"vocab_size": len(tokenizer), **shape},
+        bos_token_id=ids["<s>"],
+        eos_token_id=ids["<|endoftext|>"],
+        pad_token_id=ids["<|endoftext|>"],
+    )
+    if config.vocab_size < len(tokenizer):
+        raise ValueError(
+            f"vocab_size {config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Phi3ForCausalLM(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    # Stop at <|end|> like Phi-3 does, so answers end with the turn.
+    model.generation_config = GenerationConfig(
+        bos_token_id=ids["<s>"],
+        pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
+    )
+    with atomic_directory(out_dir) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    logger.info(
+        "built a Phi-3 model (%d parameters, vocab %d) in %s", model.num_parameters(), len(tokenizer), out_dir
+    )
+    return out_dir
+
+
+def _train_phi3_tokenizer(corpus_files: list[Path]) -> Any:
+    """A byte-level BPE tokenizer with Phi-3's special tokens and chat template, trained on the corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GenerationConfig, Phi3Config, Phi3ForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     texts = list(iter_message_contents(corpus_files))
     if not texts:
@@ -148,36 +228,7 @@ def build_tiny_phi3(out_dir: Path, *, corpus_files: list[Path], seed: int = 0) -
         additional_special_tokens=list(PHI3_SPECIAL_TOKENS[3:]),
     )
     tokenizer.chat_template = PHI3_CHAT_TEMPLATE
-    ids: dict[str, Any] = {token: tokenizer.convert_tokens_to_ids(token) for token in PHI3_SPECIAL_TOKENS}
-    config = Phi3Config(
-        vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=4096,
-        original_max_position_embeddings=4096,
-        bos_token_id=ids["<s>"],
-        eos_token_id=ids["<|endoftext|>"],
-        pad_token_id=ids["<|endoftext|>"],
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(seed)
-    model = Phi3ForCausalLM(config)
-    # Stop at <|end|> like Phi-3 does, so answers end with the turn.
-    model.generation_config = GenerationConfig(
-        bos_token_id=ids["<s>"],
-        pad_token_id=ids["<|endoftext|>"],
-        eos_token_id=[ids["<|endoftext|>"], ids["<|end|>"]],
-    )
-    with atomic_directory(out_dir) as staging:
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-    logger.info(
-        "built tiny-phi3 (%d parameters, vocab %d) in %s", model.num_parameters(), len(tokenizer), out_dir
-    )
-    return out_dir
+    return tokenizer
 
 
 def prepare_smollm2(models_dir: Path) -> Path:
@@ -262,13 +313,31 @@ def _convert_gguf_checkpoint(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
-def load_trainable_model(base_dir: Path, *, lora: LoraSettings | None, seed: int, device: Any) -> Any:
-    """The base model in fp32 with LoRA adapters (or, with `lora=None`, every weight trainable)."""
+def load_trainable_model(
+    base_dir: Path,
+    *,
+    lora: LoraSettings | None,
+    seed: int,
+    device: Any,
+    dtype: Any = None,
+    attention: str | None = None,
+) -> Any:
+    """The base model with LoRA adapters (or, with `lora=None`, every weight trainable), on `device`.
+
+    `dtype` is the base weights' type (default fp32; a bf16 base under LoRA on a GPU halves its
+    memory, while the adapters stay fp32). `attention` is a transformers attention implementation
+    (default: transformers' own choice, sdpa); `packed_varlen` is registered here when asked for.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
+    from backends.local.packed_attention import ATTENTION_NAME, register_packed_attention
+
+    if attention == ATTENTION_NAME:
+        register_packed_attention()
     torch.manual_seed(seed)  # LoRA's A matrices are initialised randomly
-    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    options = {"attn_implementation": attention} if attention else {}
+    model: Any = AutoModelForCausalLM.from_pretrained(base_dir, dtype=dtype or torch.float32, **options)
     if lora is None:
         model.requires_grad_(True)
     else:

@@ -66,6 +66,24 @@ class TrainingSpec(BaseModel):
     logging_steps: int = Field(10, ge=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     torch_threads: int | None = Field(None, ge=1, description="None: one per CPU core")
+    # Throughput switches (backends/local/accelerator.py); "auto" keeps the CPU as it was and picks
+    # the fast path on a GPU.
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the layers; auto: CUDA")
+    gradient_checkpointing: Literal["auto", "on", "off"] = Field(
+        "auto", description="auto: only when the planned micro-batch would not fit in GPU memory"
+    )
+    attention: Literal["auto", "sdpa", "eager", "packed_varlen"] = Field(
+        "auto", description="auto: packed_varlen (flash-attention varlen) on bf16 GPUs, sdpa elsewhere"
+    )
+    fused_kernels: Literal["auto", "on", "off"] = Field(
+        "auto", description="Liger Triton kernels; auto: on CUDA when liger-kernel is installed"
+    )
+    max_tokens_per_micro_batch: int | None = Field(
+        None, ge=16, description="None: from free GPU memory on CUDA, the spec's rows on CPU"
+    )
+    throughput_log: Path | None = Field(
+        None, description="JSONL file the trainer appends its measured tokens/s to (pipeline/cost.py)"
+    )
     mlflow_tracking_uri: str = Field(min_length=1)
     mlflow_experiment: str = "phi3-finetune"
     run_tags: dict[str, str] = Field(default_factory=dict)

@@ -3,18 +3,28 @@
 Several conversations share one row. Each keeps its own position ids (restarting at 0), and its
 tokens never attend to another conversation's: transformers (5.x) builds a block-diagonal causal
 mask when a forward pass gets `position_ids` that restart, *no* 2-D attention mask and *no* KV
-cache (`masking_utils.find_packed_sequence_indices`). The same detection drives flash-attention's
-variable-length kernels on CUDA. Two ways to silently lose it, both guarded by `packed_forward`:
-passing an all-ones `attention_mask`, or leaving `use_cache` on (the model then creates an empty
-cache and skips the detection). tests/test_packing.py proves equivalence with one-by-one runs.
+cache (`masking_utils.find_packed_sequence_indices`). Two ways to silently lose it, both guarded by
+`packed_forward`: passing an all-ones `attention_mask`, or leaving `use_cache` on (the model then
+creates an empty cache and skips the detection). tests/test_packing.py proves equivalence with
+one-by-one runs.
+
+On CUDA the trainer uses the *flat* layout instead: a micro-batch is one row holding every
+conversation back to back, and the `packed_varlen` attention registered below runs PyTorch's
+flash-attention variable-length kernel over the conversation boundaries (`cu_seq_lens`), so no
+mask is built and no attention is computed across or into padding. Off CUDA (or in fp32) the
+same function computes each conversation's causal attention one by one, which is the reference
+that tests/test_accelerator.py compares with and tests/test_gpu.py compares the kernel against.
+Logits are computed only at positions that have a target (`logits_to_keep`).
 """
 
 from __future__ import annotations
 
+import inspect
+import itertools
 import json
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -42,21 +52,35 @@ class EncodedConversation:
 
 @dataclass(frozen=True)
 class Batch:
-    """A micro-batch of rows; `target_ids[b, i]` is the token that position i must predict."""
+    """A micro-batch of rows; `target_ids[b, i]` is the token that position i must predict.
+
+    `keep` lists the columns where some row has a target (only those get logits). A flat batch (one
+    row) also carries its sequence boundaries for the varlen attention: `cu_seq_lens` (int32, the
+    padding tail counts as one more sequence) and `max_length`, an upper bound on any sequence's length.
+    """
 
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     target_ids: torch.Tensor
     real_tokens: int
     target_tokens: int
+    keep: torch.Tensor | None = None
+    cu_seq_lens: torch.Tensor | None = None
+    max_length: int | None = None
 
     def to(self, device: torch.device | str) -> Batch:
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor.to(device, non_blocking=True)
+
         return Batch(
-            self.input_ids.to(device),
-            self.position_ids.to(device),
-            self.target_ids.to(device),
+            self.input_ids.to(device, non_blocking=True),
+            self.position_ids.to(device, non_blocking=True),
+            self.target_ids.to(device, non_blocking=True),
             self.real_tokens,
             self.target_tokens,
+            move(self.keep),
+            move(self.cu_seq_lens),
+            self.max_length,
         )
 
 
@@ -208,9 +232,84 @@ def plan_steps(
     return plan
 
 
-def collate(rows: Sequence[Sequence[EncodedConversation]], pad_token_id: int) -> Batch:
-    """Concatenate each row's conversations; pad the tail as its own dummy sequence with no targets."""
-    width = max(sum(len(c) for c in row) for row in rows)
+@dataclass(frozen=True)
+class MicroBatchShape:
+    """How many rows a micro-batch holds and how many tokens fit in a row (flat layout: one long row)."""
+
+    rows: int
+    row_length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.row_length
+
+
+def relayout_step(
+    micro_batches: Sequence[Sequence[Sequence[int]]],
+    lengths: Sequence[int],
+    shape: MicroBatchShape,
+    seed: int,
+) -> list[list[list[int]]]:
+    """The same conversations (so the same optimizer step) re-packed into micro-batches of `shape`."""
+    items = [i for rows in micro_batches for row in rows for i in row]
+    rows = first_fit_rows([lengths[i] for i in items], shape.row_length, seed)
+    packed = [[items[position] for position in row] for row in rows]
+    return [packed[i : i + shape.rows] for i in range(0, len(packed), shape.rows)]
+
+
+FLAT_PAD_MULTIPLE = 64  # flat rows are padded to a multiple of this (tensor-core friendly widths)
+
+
+def collate(
+    rows: Sequence[Sequence[EncodedConversation]],
+    pad_token_id: int,
+    *,
+    flat: bool = False,
+    max_length: int | None = None,
+) -> Batch:
+    """Concatenate each row's conversations; pad the tail as its own dummy sequence with no targets.
+
+    `flat=True` puts every conversation of every row into one row and records the boundaries for the
+    varlen attention; `max_length` (default: the longest conversation) bounds any sequence's length.
+    """
+    if flat:
+        return _collate_flat([c for row in rows for c in row], pad_token_id, max_length)
+    batch = _collate_rows(rows, pad_token_id)
+    return replace(batch, keep=_target_columns(batch.target_ids))
+
+
+def _collate_flat(
+    conversations: Sequence[EncodedConversation], pad_token_id: int, max_length: int | None
+) -> Batch:
+    real = sum(len(c) for c in conversations)
+    width = -(-real // FLAT_PAD_MULTIPLE) * FLAT_PAD_MULTIPLE
+    batch = _collate_rows([conversations], pad_token_id, width=width)
+    bounds = [0]
+    for conversation in conversations:
+        bounds.append(bounds[-1] + len(conversation))
+    if width > real:
+        bounds.append(width)  # the padding tail: a sequence of its own that nothing attends to
+    longest = max(b - a for a, b in itertools.pairwise(bounds))
+    return Batch(
+        batch.input_ids,
+        batch.position_ids,
+        batch.target_ids,
+        batch.real_tokens,
+        batch.target_tokens,
+        keep=_target_columns(batch.target_ids),
+        cu_seq_lens=torch.tensor(bounds, dtype=torch.int32),
+        max_length=max(longest, max_length or 0),
+    )
+
+
+def _target_columns(target_ids: torch.Tensor) -> torch.Tensor:
+    return (target_ids != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+
+
+def _collate_rows(
+    rows: Sequence[Sequence[EncodedConversation]], pad_token_id: int, width: int | None = None
+) -> Batch:
+    width = width or max(sum(len(c) for c in row) for row in rows)
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)
     target_ids = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
@@ -231,28 +330,64 @@ def collate(rows: Sequence[Sequence[EncodedConversation]], pad_token_id: int) ->
     return Batch(input_ids, position_ids, target_ids, real_tokens, target_tokens)
 
 
-def packed_forward(model: Any, batch: Batch) -> torch.Tensor:
+def packed_forward(model: Any, batch: Batch, *, logits_to_keep: torch.Tensor | int = 0) -> torch.Tensor:
     """Logits of a packed batch with per-conversation attention (see the module docstring)."""
+    varlen: dict[str, Any] = {}
+    if batch.cu_seq_lens is not None:
+        # FlashAttentionKwargs: transformers hands them through the model to the attention function.
+        varlen = {
+            "cu_seq_lens_q": batch.cu_seq_lens,
+            "cu_seq_lens_k": batch.cu_seq_lens,
+            "max_length_q": batch.max_length,
+            "max_length_k": batch.max_length,
+        }
+    if not isinstance(logits_to_keep, int) and not accepts_logits_to_keep(model):
+        logits_to_keep = 0
+    extra = {"logits_to_keep": logits_to_keep} if not isinstance(logits_to_keep, int) else {}
     return model(
-        input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=None, use_cache=False
+        input_ids=batch.input_ids,
+        position_ids=batch.position_ids,
+        attention_mask=None,
+        use_cache=False,
+        **extra,
+        **varlen,
     ).logits
 
 
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the causal LM under any PEFT wrapper can compute logits for chosen positions only."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
 def token_losses(model: Any, batch: Batch) -> torch.Tensor:
-    """Cross-entropy per position (0 where there is no target), in fp32, shape [rows, width]."""
-    logits = packed_forward(model, batch).float()
+    """Cross-entropy per position (0 where there is no target), in fp32, shape [rows, width].
+
+    Logits are computed only for the columns in `batch.keep` (where some row has a target): the
+    vocabulary projection and its fp32 copy are the largest activations of a small-vocabulary model.
+    """
+    if batch.keep is None or not accepts_logits_to_keep(model):
+        logits = packed_forward(model, batch).float()
+        columns, targets = None, batch.target_ids
+    else:
+        logits = packed_forward(model, batch, logits_to_keep=batch.keep).float()
+        columns, targets = batch.keep, batch.target_ids[:, batch.keep]
     losses = torch.nn.functional.cross_entropy(
-        logits.view(-1, logits.shape[-1]),
-        batch.target_ids.view(-1),
+        logits.reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
         ignore_index=IGNORE_INDEX,
         reduction="none",
-    )
-    return losses.view(batch.target_ids.shape)
+    ).view(targets.shape)
+    if columns is None:
+        return losses
+    full = torch.zeros(batch.target_ids.shape, dtype=losses.dtype, device=losses.device)
+    return full.index_copy(1, columns, losses)
 
 
-def autocast_for(device: torch.device) -> torch.autocast:
-    """bf16 autocast on CUDA; a disabled context on CPU, where fp32 is both exact and fastest here."""
-    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def autocast_for(device: torch.device, bf16: bool | None = None) -> torch.autocast:
+    """bf16 autocast on CUDA (unless `bf16=False`); disabled on CPU, where fp32 is exact and fastest here."""
+    enabled = device.type == "cuda" if bf16 is None else bf16
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=enabled)
 
 
 def mean_token_loss(
@@ -263,6 +398,8 @@ def mean_token_loss(
     rows_per_batch: int,
     pad_token_id: int,
     device: torch.device,
+    flat: bool = False,
+    bf16: bool | None = None,
 ) -> float:
     """Token-weighted mean loss over the assistant tokens of `conversations` (evaluation, no gradients)."""
     micro_batches = plan_epoch(
@@ -270,9 +407,10 @@ def mean_token_loss(
     )
     was_training, total, targets = model.training, 0.0, 0
     model.eval()
-    with torch.no_grad(), autocast_for(device):
+    with torch.no_grad(), autocast_for(device, bf16):
         for rows in micro_batches:
-            batch = collate([[conversations[i] for i in row] for row in rows], pad_token_id)
+            rows_of = [[conversations[i] for i in row] for row in rows]
+            batch = collate(rows_of, pad_token_id, flat=flat, max_length=row_length)
             total += float(token_losses(model, batch.to(device)).sum())
             targets += batch.target_tokens
     model.train(was_training)

@@ -201,7 +201,7 @@ class EndpointServer:
             log.info("deployment %s: revision %s loaded but superseded", deployment.name, wanted.revision)
             return
         deployment.model, deployment.state = model, "Ready"
-        self.device = _device()
+        self.device = _device(model)
         log.info("deployment %s: ready in %.1f s", deployment.name, time.monotonic() - started)
 
     def _is_current(self, deployment: Deployment, loaded: DeploymentConfig) -> bool:
@@ -327,9 +327,13 @@ class EndpointServer:
         )
 
 
-def _device() -> str:
-    # Asked only after a model has loaded, so torch (if the model uses it) is fully imported; importing
-    # it just to answer /health would cost seconds.
+def _device(model: Any) -> str:
+    """Where the loaded model's weights are (asked after loading, so torch is already imported)."""
+    try:
+        weights = model.unwrap_python_model().model  # our ChatCompletionModel's transformers model
+        return str(next(weights.parameters()).device)
+    except (AttributeError, StopIteration, TypeError):
+        pass  # another kind of pyfunc: fall back to what this process can use
     torch = sys.modules.get("torch")
     return "cuda:0" if torch is not None and torch.cuda.is_available() else "cpu"
 

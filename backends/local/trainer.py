@@ -18,13 +18,16 @@ import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
 # The job's file contracts live beside the runner (importing them must not load torch).
 from backends.local.jobs import SPEC_FILE, JobStatus, TrainingSpec, read_status, utc_now, write_status
 from backends.local.step_loop import LoopSettings, Progress, train
+
+if TYPE_CHECKING:
+    from backends.local.accelerator import Execution
 
 logger = logging.getLogger("backends.local.trainer")
 
@@ -75,17 +78,6 @@ class StatusReporter:
         write_status(self.job_dir, self.status)
 
 
-def resolve_device(choice: str) -> Any:
-    import torch
-
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(
-            f"device 'cuda' was requested but torch {torch.__version__} sees no GPU; use 'auto' or 'cpu'"
-        )
-    use_cuda = choice == "cuda" or (choice == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if use_cuda else "cpu")
-
-
 def ensure_experiment(tracking_uri: str, name: str) -> str:
     """The experiment's id; created with its artifacts next to a SQLite store (not under the CWD)."""
     import mlflow
@@ -133,6 +125,7 @@ class FineTuneJob:
     reporter: StatusReporter
     cancel: CancelRequest
     device: Any
+    backoffs: int = 0  # out-of-memory back-offs so far
 
     def run(self) -> str:
         """Returns the logged MLflow model's URI."""
@@ -151,7 +144,16 @@ class FineTuneJob:
             if spec.full_finetune
             else LoraSettings(spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules)
         )
-        self.model = load_trainable_model(base_dir, lora=lora, seed=spec.seed, device=self.device)
+        self.execution = self.plan_execution(base_dir)
+        self.model = load_trainable_model(
+            base_dir,
+            lora=lora,
+            seed=spec.seed,
+            device=self.device,
+            dtype=self.execution.base_dtype,
+            attention=self.execution.attention,
+        )
+        self.fit_execution()
         self.cancel.checkpoint()
         self.settings = LoopSettings.from_spec(spec)
         self.pad_token_id = (
@@ -166,6 +168,8 @@ class FineTuneJob:
             on_progress=self.report,
             on_epoch_end=self.evaluate_epoch,
             checkpoint=self.cancel.checkpoint,
+            execution=self.execution,
+            on_event=self.record_event,
         )
         logger.info(
             "trained %d steps: %.0f tokens/s, last train_loss %s",
@@ -173,10 +177,76 @@ class FineTuneJob:
             final.tokens_per_second,
             final.train_loss,
         )
+        self.record_throughput(final)
         self.reporter.update(status="Finalizing")
         model_dir = save_merged_model(self.model, tokenizer, self.job_dir / MODEL_OUTPUT)
         self.cancel.checkpoint()
         return log_chat_model(model_dir)
+
+    def plan_execution(self, base_dir: Path) -> Execution:
+        from transformers import AutoConfig
+
+        from backends.local.accelerator import Switches, plan_execution
+
+        spec = self.spec
+        self.switches = Switches(
+            compile=spec.compile,
+            gradient_checkpointing=spec.gradient_checkpointing,
+            attention=spec.attention,
+            fused_kernels=spec.fused_kernels,
+            max_tokens_per_micro_batch=spec.max_tokens_per_micro_batch,
+        )
+        dropout = getattr(AutoConfig.from_pretrained(base_dir), "attention_dropout", 0.0) or 0.0
+        return plan_execution(
+            self.device, self.switches, lora=not spec.full_finetune, attention_dropout=dropout
+        )
+
+    def fit_execution(self) -> None:
+        """The micro-batch budget from free GPU memory, then checkpointing/kernels/compile on the model."""
+        import mlflow
+
+        from backends.local.accelerator import fit_to_memory, prepare_for_training
+
+        spec = self.spec
+        self.execution = fit_to_memory(
+            self.execution,
+            self.model,
+            switches=self.switches,
+            max_seq_length=spec.max_seq_length,
+            step_tokens=spec.max_seq_length
+            * spec.per_device_train_batch_size
+            * spec.gradient_accumulation_steps,
+            lora_dropout=not spec.full_finetune and spec.lora_dropout > 0,
+        )
+        prepare_for_training(self.model, self.execution)
+        logger.info("execution: %s", self.execution.describe())
+        for note in self.execution.notes:
+            logger.info("execution: %s", note)
+        mlflow.set_tag("execution", self.execution.describe())
+
+    def record_event(self, message: str) -> None:
+        """Out-of-memory back-offs: into the job log and the MLflow run; training goes on."""
+        import mlflow
+
+        self.backoffs += 1
+        logger.warning("%s", message)
+        mlflow.set_tags({"oom_backoffs": str(self.backoffs), f"oom_backoff_{self.backoffs}": message[:5000]})
+
+    def record_throughput(self, final: Progress) -> None:
+        """Append the measured tokens/s to spec.throughput_log, for the cost estimates (pipeline/cost.py)."""
+        from backends.local.accelerator import device_name, non_embedding_parameters
+        from pipeline.cost import MeasuredThroughput, append_measurement
+
+        if self.spec.throughput_log is None or final.seconds <= 0:
+            return
+        measured = MeasuredThroughput(
+            device_name=device_name(self.device),
+            tokens_per_second=round(final.tokens_per_second, 1),
+            non_embedding_params=non_embedding_parameters(self.model),
+            base_model=self.spec.base_model,
+            full_finetune=self.spec.full_finetune,
+        )
+        append_measurement(self.spec.throughput_log, measured)
 
     def prepare_base(self) -> tuple[Path, Any]:
         from transformers import AutoTokenizer
@@ -241,6 +311,8 @@ class FineTuneJob:
             rows_per_batch=self.settings.per_device_train_batch_size,
             pad_token_id=self.pad_token_id,
             device=self.device,
+            flat=self.execution.flat,
+            bf16=self.execution.bf16,
         )
         logger.info("epoch %.0f: eval_loss %.4f", progress.epoch, eval_loss)
         self.reporter.update(eval_loss=eval_loss)
@@ -252,9 +324,12 @@ def run_job(job_dir: Path, spec: TrainingSpec, reporter: StatusReporter, cancel:
     import mlflow
     import torch
 
-    device = resolve_device(spec.device)
+    from backends.local.accelerator import choose_device, device_name
+
+    device = choose_device(spec.device)
     torch.set_num_threads(spec.torch_threads or os.cpu_count() or 1)
-    reporter.update(status="Preparing", started_at=utc_now(), device=str(device), error=None)
+    where = f"{device} ({device_name(device)})" if device.type == "cuda" else str(device)
+    reporter.update(status="Preparing", started_at=utc_now(), device=where, error=None)
     for field in ("train_file", "validation_file"):
         path = getattr(spec, field)
         if path is not None and not Path(path).is_file():
