@@ -134,6 +134,11 @@ def evaluate(payload: dict) -> dict:
     return _run("evaluate", evaluate_module.evaluate, payload)
 
 
+@bp.activity_trigger(input_name="payload")
+def remove_base_deployment(payload: dict) -> dict:
+    return _run("remove_base_deployment", evaluate_module.remove_base_deployment, payload)
+
+
 # Status checks polled by the monitor sub-orchestration: {"done", "ok", "status", "detail"}.
 @bp.activity_trigger(input_name="args")
 def job_status(args: dict) -> dict:

@@ -60,3 +60,16 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
     if comparison.base:
         summary += f"; base ROUGE-L {comparison.base.rouge_l}, F1 {comparison.base.f1}"
     return StepResult(summary=summary, outputs={"evaluation": comparison.model_dump(mode="json")})
+
+
+def remove_base_deployment(inp: StepInput, backend: MLBackend) -> StepResult:
+    """The comparison is done: stop paying for (or holding memory with) the base model's deployment."""
+    base = inp.state.get("base_deployment")
+    if not base:
+        return StepResult(skipped="no base model deployment was created")
+    if inp.config.evaluation.keep_base_deployment:
+        return StepResult(skipped="evaluation.keep_base_deployment is true: the base deployment stays")
+    backend.delete_deployment(inp.names["endpoint"], base["name"])  # idempotent: a missing one is fine
+    return StepResult(
+        summary=f"base model deployment {base['name']} deleted; the fine-tuned one keeps 100% traffic"
+    )

@@ -161,6 +161,10 @@ def finetune_pipeline(context: df.DurableOrchestrationContext):
                 {"endpoint": run.names["endpoint"], "deployment": "base"},
             )
         yield from pipeline.step("evaluate")
+        if base.skipped:
+            pipeline.skip("remove_base_deployment", base.skipped)
+        else:
+            yield from pipeline.step("remove_base_deployment")
     except StepFailed as failure:
         progress.fail(failure.step, failure.message)
         if run.config.cleanup_on_failure and progress.created:

@@ -112,6 +112,10 @@ class EvaluationSection(_Section):
     enabled: bool = True
     sample_size: int = Field(20, ge=1, le=1000)
     compare_base: bool = True
+    keep_base_deployment: bool = Field(
+        False,
+        description="keep the base model's comparison deployment after evaluation (a second instance)",
+    )
     smoke_question: str | None = Field(None, min_length=1, description="default: the first test question")
 
 

@@ -20,7 +20,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("fine-tune", ["compute", "submit_finetune", "wait_for_finetune"]),
     ("deploy", ["register_model", "endpoint", "deployment", "wait_for_deployment", "traffic"]),
     ("integrate", ["promptflow_connection", "smoke_test", "flow_smoke"]),
-    ("evaluate", ["base_deployment", "wait_for_base_deployment", "evaluate"]),
+    ("evaluate", ["base_deployment", "wait_for_base_deployment", "evaluate", "remove_base_deployment"]),
 ]
 STEP_STAGE = {step: stage for stage, steps in STAGES for step in steps}
 STEP_ORDER = [step for _, steps in STAGES for step in steps]

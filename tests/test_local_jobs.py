@@ -236,7 +236,9 @@ def test_submitting_a_finished_job_again_returns_it_without_starting_a_process(c
 
     again = runner.submit("facts", tiny_spec(job.job_dir, tracking_uri, Path("/elsewhere.jsonl")))
 
-    assert again.pid == job.pid and again.status == "Completed" and trainer_pids(job.job_dir) == []
+    # The trainer writes "Completed" a moment before its process exits: only a second process is wrong.
+    assert again.pid == job.pid and again.status == "Completed"
+    assert [pid for pid in trainer_pids(job.job_dir) if pid != job.pid] == []
 
 
 @pytest.mark.slow

@@ -84,6 +84,7 @@ def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(sta
     assert evaluation["finetuned"]["rows"] > 0 and evaluation["finetuned"]["errors"] == 0
     assert evaluation["base"]["rows"] == evaluation["finetuned"]["rows"]
     assert evaluation["finetuned"]["rouge_l"] > evaluation["base"]["rouge_l"]  # it learned its training data
+    assert statuses["remove_base_deployment"] == "succeeded"  # the comparison deployment is not left running
     assert list(stack.home.iterdir()) == [], "the pipeline wrote into HOME"
 
     backend = LocalBackend(stack.settings, restart_endpoints=False)
