@@ -59,19 +59,19 @@ class HttpTriggers:
         )
         started = time.perf_counter()
         try:
-            result = await self.invoker.call(spec, req)
+            response = self._to_response(spec, await self.invoker.call(spec, req))
         except Exception as exc:
             log.exception("http function %s failed", spec.name)
-            return _json_error(500, f"function '{spec.name}' failed: {type(exc).__name__}: {exc}")
-        finally:
-            log.info(
-                "http name=%s method=%s path=%s duration_ms=%.1f",
-                spec.name,
-                request.method,
-                request.path,
-                (time.perf_counter() - started) * 1000,
-            )
-        return self._to_response(spec, result)
+            response = _json_error(500, f"function '{spec.name}' failed: {type(exc).__name__}: {exc}")
+        log.info(
+            "http name=%s method=%s path=%s status=%d duration_ms=%.1f",
+            spec.name,
+            request.method,
+            request.path,
+            response.status,
+            (time.perf_counter() - started) * 1000,
+        )
+        return response
 
     @staticmethod
     def _to_response(spec: FunctionSpec, result) -> web.Response:

@@ -89,6 +89,7 @@ class _Segment:
     optional: bool = False
     catch_all: bool = False
     checks: tuple = field(default=())
+    constraints: tuple[str, ...] = ()  # the constraint texts, sorted: what ``shape`` compares
     default: str | None = None
 
 
@@ -140,12 +141,20 @@ class RouteTemplate:
         if "=" in rest:
             rest, default = rest.split("=", 1)
             optional = True
-        checks = tuple(_constraint(c, template) for c in rest.split(":")[1:]) if rest else ()
+        constraints = tuple(rest.split(":")[1:]) if rest else ()
+        checks = tuple(_constraint(c, template) for c in constraints)
         if rest and not rest.startswith(":"):
             raise RouteTemplateError(f"route '{template}': cannot parse parameter '{m.group(0)}'")
         if star and not is_last:
             raise RouteTemplateError(f"route '{template}': a catch-all parameter must be the last segment")
-        return _Segment(name=name, optional=optional, catch_all=star, checks=checks, default=default)
+        return _Segment(
+            name=name,
+            optional=optional,
+            catch_all=star,
+            checks=checks,
+            constraints=tuple(sorted(constraints)),
+            default=default,
+        )
 
     @property
     def specificity(self) -> tuple:
@@ -156,9 +165,13 @@ class RouteTemplate:
         return (catch_all, -literals, -constrained, -len(self.segments))
 
     def shape(self) -> tuple:
-        """Two templates with the same shape match exactly the same paths (a route clash)."""
+        """Two templates with the same shape match exactly the same paths (a route clash).
+
+        Parameter names do not matter, constraints do: ``a/{x:int}`` and ``a/{y:alpha}`` never match
+        the same path, so they may live side by side; ``a/{x}`` and ``a/{y}`` always do.
+        """
         return tuple(
-            ("lit", s.literal) if s.literal is not None else ("param", s.optional, s.catch_all, len(s.checks))
+            ("lit", s.literal) if s.literal is not None else ("param", s.optional, s.catch_all, s.constraints)
             for s in self.segments
         )
 

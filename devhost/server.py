@@ -10,11 +10,14 @@ import asyncio
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from aiohttp import web
+from azure.functions import meta
+from azure.functions.durable_functions import ActivityTriggerConverter
 
 from .app_loader import AppIndex, load_app
 from .durable.api import ManagementApi, client_binding
@@ -124,34 +127,85 @@ class DevHost:
         return web.json_response([describe(s) for s in self.index.functions.values()])
 
     async def _run_function(self, request: web.Request) -> web.Response:
-        """``POST /admin/functions/{name}`` runs a non-HTTP function by hand, as Core Tools does."""
+        """``POST /admin/functions/{name}`` runs a non-HTTP function by hand, as Core Tools does.
+
+        Timer functions run under their no-overlap lock. Activity functions take ``input`` as the
+        serialized (JSON) activity input, as the Durable extension reads it for a manual run;
+        orchestrators cannot be run this way (the extension cannot bind one outside an instance).
+        """
         assert self.index
         name = request.match_info["name"]
         spec = self.index.function(name)
         if spec is None:
             return web.json_response({"error": f"no function named '{name}'"}, status=404)
-        if spec.kind in ("http", "orchestrator"):
-            what = "call its route" if spec.kind == "http" else "start it through the Durable API"
-            return web.json_response(
-                {"error": f"'{spec.name}' is an {spec.kind} function; {what}"}, status=400
-            )
+        if spec.kind not in ("timer", "activity"):
+            return web.json_response({"error": _not_runnable_by_hand(spec)}, status=400)
         try:
             body = await request.json() if await request.read() else {}
         except json.JSONDecodeError:
             return web.json_response({"error": 'body must be JSON like {"input": "..."}'}, status=400)
-        timer = self.timers.get(spec.name.lower())
         value = body.get("input") if isinstance(body, dict) else None
-        job = timer.invoke(past_due=False) if timer else self._invoke_by_hand(spec, value)
+        timer = self.timers.get(spec.name.lower())
+        if timer:
+            job = timer.invoke(past_due=False)
+        else:
+            try:
+                activity_input = _activity_input(spec.name, value)
+            except ValueError as exc:
+                return web.json_response({"error": str(exc)}, status=400)
+            job = self._invoke_by_hand(spec, activity_input)
         task = asyncio.get_running_loop().create_task(job)
         self._manual_runs.add(task)
         task.add_done_callback(self._manual_runs.discard)
         return web.Response(status=202)
 
     async def _invoke_by_hand(self, spec, value) -> None:
+        started = time.perf_counter()
+        outcome = "ok"
         try:
             await self.invoker.call(spec, value)
-        except Exception:
+        except Exception as exc:
+            outcome = f"failed: {type(exc).__name__}: {exc}"
             log.exception("function %s failed (run by hand)", spec.name)
+        log.info(
+            "by_hand name=%s duration_ms=%.1f outcome=%s",
+            spec.name,
+            (time.perf_counter() - started) * 1000,
+            outcome,
+        )
+
+
+def _not_runnable_by_hand(spec) -> str:
+    how = {
+        "http": "call its route instead",
+        "orchestrator": "start it through the Durable API "
+        "(POST /runtime/webhooks/durabletask/orchestrators/<name>) instead",
+    }.get(spec.kind, "the devhost runs only timer and activity functions by hand")
+    return f"function '{spec.name}' (kind: {spec.kind}) cannot be run by hand; {how}"
+
+
+_ACTIVITY_INPUT_EXAMPLE = r'{"input": "\"Tokyo\""} or {"input": "{\"n\": 1}"}'
+
+
+def _activity_input(name: str, value) -> object:
+    """The value an activity run by hand receives: ``input`` is its serialized (JSON) input.
+
+    The extension parses it as JSON (``[<input>]``), so text that is not JSON fails there; we say so
+    up front instead of failing in the background.
+    """
+    if value is None or value == "":
+        return None
+    problem = None
+    if not isinstance(value, str):
+        problem = "must be a string holding the activity's JSON input"
+    else:
+        try:
+            json.loads(value)
+        except json.JSONDecodeError as exc:
+            problem = f"is not JSON ({exc.msg} at column {exc.colno}); send the serialized input"
+    if problem:
+        raise ValueError(f"'input' for activity '{name}' {problem}, e.g. {_ACTIVITY_INPUT_EXAMPLE}")
+    return ActivityTriggerConverter.decode(meta.Datum(type="json", value=value), trigger_metadata=None)
 
 
 async def serve(

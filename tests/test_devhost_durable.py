@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from devhost.durable.history import EventType
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
 
 APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
@@ -95,6 +97,90 @@ def test_exhausted_retries_surface_as_a_catchable_exception(host):
     assert out["ok"] is False
     assert "Activity function 'flaky' failed: ConnectionError: transient failure 3" in out["error"]
     assert len([r for r in records(host.activity_log, "flaky") if r["key"] == key]) == 3
+
+
+def attempts_of(host: DevhostProcess, key: str) -> list[int]:
+    return [r["attempt"] for r in records(host.activity_log, "flaky") if r["key"] == key]
+
+
+def scheduled_ids(host: DevhostProcess, iid: str) -> dict[str, list[int]]:
+    """The task ids the host recorded, by event type, read from its store (the API folds them away)."""
+    db = sqlite3.connect(f"file:{host.state_dir / 'DevhostTestHub.sqlite'}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT event FROM history WHERE instance_id = ? ORDER BY seq", (iid,)).fetchall()
+    finally:
+        db.close()
+    ids: dict[str, list[int]] = {}
+    for (text,) in rows:
+        event = json.loads(text)
+        kind = EventType(event["EventType"]).name
+        if kind in ("TaskScheduled", "TimerCreated", "SubOrchestrationInstanceCreated"):
+            ids.setdefault(kind, []).append(event["EventId"])
+    return ids
+
+
+def test_retried_activities_inside_task_all_each_retry_until_they_succeed(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying_fan_out", {"key": key, "failures": [0, 2, 1, 3], "attempts": 5})
+    out = host.wait(iid)["output"]
+    assert out == {"ok": True, "results": ["ok after 1", "ok after 3", "ok after 2", "ok after 4"]}
+    for i, failures in enumerate([0, 2, 1, 3]):
+        assert attempts_of(host, f"{key}-a{i}") == list(range(1, failures + 2))  # no attempt lost or repeated
+    ids = scheduled_ids(host, iid)
+    assert len(ids["TaskScheduled"]) == 10  # 1 + 3 + 2 + 4 attempts
+    assert len(ids["TimerCreated"]) == 6  # one retry timer per failure
+    every_id = ids["TaskScheduled"] + ids["TimerCreated"]
+    assert len(set(every_id)) == len(every_id)  # the SDK's numbering: no id used twice
+
+
+def test_an_exhausted_retry_inside_task_all_fails_it_and_can_be_caught(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying_fan_out", {"key": key, "failures": [0, 9], "attempts": 3})
+    out = host.wait(iid)["output"]
+    assert out["ok"] is False
+    assert "Activity function 'flaky' failed: ConnectionError: transient failure 3" in out["error"]
+    assert attempts_of(host, f"{key}-a1") == [1, 2, 3]
+
+
+def test_sub_orchestration_with_retry_runs_each_attempt_as_a_new_child(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying_child", {"key": key, "failures": 2, "attempts": 4})
+    assert host.wait(iid)["output"] == {"ok": True, "result": "ok after 3"}
+    assert attempts_of(host, key) == [1, 2, 3]
+    children = requests.get(
+        f"{host.durable}/instances/", params={"instanceIdPrefix": iid + ":"}, timeout=10
+    ).json()
+    assert sorted(c["runtimeStatus"] for c in children) == ["Completed", "Failed", "Failed"]
+    assert len(scheduled_ids(host, iid)["SubOrchestrationInstanceCreated"]) == 3
+
+
+def test_exhausted_sub_orchestration_retries_surface_the_childs_failure(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration("retrying_child", {"key": key, "failures": 9, "attempts": 2})
+    out = host.wait(iid)["output"]
+    assert out["ok"] is False
+    assert out["error"].startswith("Orchestrator function 'flaky_child' failed: ")
+    assert "transient failure 2" in out["error"]
+    assert attempts_of(host, key) == [1, 2]
+
+
+def test_task_all_of_retried_activities_and_retried_sub_orchestrations_completes(host):
+    key = uuid.uuid4().hex
+    iid = host.start_orchestration(
+        "retrying_fan_out", {"key": key, "failures": [1, 2], "child_failures": [2, 0], "attempts": 4}
+    )
+    out = host.wait(iid)["output"]
+    assert out == {"ok": True, "results": ["ok after 2", "ok after 3", "ok after 3", "ok after 1"]}
+    assert [attempts_of(host, f"{key}-{k}") for k in ("a0", "a1", "c0", "c1")] == [
+        [1, 2],
+        [1, 2, 3],
+        [1, 2, 3],
+        [1],
+    ]
+    ids = scheduled_ids(host, iid)
+    assert len(ids["SubOrchestrationInstanceCreated"]) == 4  # 3 attempts + 1
+    every_id = [i for group in ids.values() for i in group]
+    assert len(set(every_id)) == len(every_id)
 
 
 def test_activity_exception_reaches_the_orchestrator(host):

@@ -58,3 +58,30 @@ def test_literal_routes_sort_before_parameters_and_catch_alls_last():
 def test_templates_that_match_the_same_paths_share_a_shape():
     assert RouteTemplate.parse("runs/{a}").shape() == RouteTemplate.parse("RUNS/{b}").shape()
     assert RouteTemplate.parse("runs/{a}").shape() != RouteTemplate.parse("runs/{a:int}").shape()
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("a/{x:int}", "a/{y:alpha}"),
+        ("a/{x:int}", "a/{y:guid}"),
+        ("a/{x:int}", "a/{y:int:min(10)}"),
+        ("a/{x:alpha}/{y}", "a/{z:int}/{w}"),
+    ],
+)
+def test_templates_with_different_constraints_do_not_share_a_shape(one, other):
+    assert RouteTemplate.parse(one).shape() != RouteTemplate.parse(other).shape()
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("a/{x}", "a/{y}"),
+        ("a/{x:int}", "A/{y:int}"),
+        ("a/{x:int:min(1)}", "a/{y:min(1):int}"),
+        ("a/{x?}", "a/{y?}"),
+        ("a/{*x}", "a/{*y}"),
+    ],
+)
+def test_templates_that_differ_only_in_parameter_names_share_a_shape(one, other):
+    assert RouteTemplate.parse(one).shape() == RouteTemplate.parse(other).shape()

@@ -148,6 +148,48 @@ def retrying(context: df.DurableOrchestrationContext):
         return {"ok": False, "error": str(exc).split("\n")[0]}
 
 
+def _fast_retry(attempts: int) -> df.RetryOptions:
+    return df.RetryOptions(first_retry_interval_in_milliseconds=100, max_number_of_attempts=attempts)
+
+
+@app.orchestration_trigger(context_name="context")
+def retrying_fan_out(context: df.DurableOrchestrationContext):
+    """task_all of retried activities (``failures``) and retried sub-orchestrations (``child_failures``)."""
+    args = context.get_input()
+    options = _fast_retry(args["attempts"])
+    tasks = [
+        context.call_activity_with_retry("flaky", options, {"key": f"{args['key']}-a{i}", "failures": n})
+        for i, n in enumerate(args.get("failures", []))
+    ] + [
+        context.call_sub_orchestrator_with_retry(
+            "flaky_child", options, {"key": f"{args['key']}-c{i}", "failures": n}
+        )
+        for i, n in enumerate(args.get("child_failures", []))
+    ]
+    try:
+        return {"ok": True, "results": (yield context.task_all(tasks))}
+    except Exception as exc:
+        return {"ok": False, "error": str(exc).split("\n")[0]}
+
+
+@app.orchestration_trigger(context_name="context")
+def flaky_child(context: df.DurableOrchestrationContext):
+    """Fails (uncaught) while its ``flaky`` activity fails; a retrying parent starts one child per attempt."""
+    return (yield context.call_activity("flaky", context.get_input()))
+
+
+@app.orchestration_trigger(context_name="context")
+def retrying_child(context: df.DurableOrchestrationContext):
+    args = context.get_input()
+    try:
+        result = yield context.call_sub_orchestrator_with_retry(
+            "flaky_child", _fast_retry(args["attempts"]), {"key": args["key"], "failures": args["failures"]}
+        )
+        return {"ok": True, "result": result}
+    except Exception as exc:
+        return {"ok": False, "error": str(exc).split("\n")[0]}
+
+
 @app.orchestration_trigger(context_name="context")
 def catches_failure(context: df.DurableOrchestrationContext):
     try:
