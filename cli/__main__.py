@@ -2,94 +2,120 @@
 ``python -m cli chat [--endpoint NAME]`` — chat with a deployed endpoint.
 
 ``run`` starts the devhost (unless one already serves this project), starts a run, shows live
-progress, prints the summary and a loss-curve PNG, and drops you into a chat. Ctrl-C (or leaving
-the chat) cancels an unfinished run, deletes the endpoint it made (``--keep`` keeps it) and stops the
-devhost it started: nothing is left running.
+progress, prints the summary and a loss-curve PNG, and drops you into a chat (without a terminal it
+answers the questions piped to stdin, one a line, then serves the web chat until Ctrl-C). Ctrl-C at any
+point (or leaving the chat) cancels an unfinished run and its fine-tune job, deletes the endpoint it
+made (``--keep`` keeps it) and stops the devhost it started: nothing is left running.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 import threading
+from datetime import UTC, datetime
+from pathlib import Path
 
 import requests
 from rich.console import Console
 
 from settings import get_settings
 
+from .cleanup import leave_nothing_running
 from .devhost_process import DevhostError, ManagedDevhost
 
 
-def _start_run(api: str, preset: str | None, run_id: str | None) -> str:
-    body = {k: v for k, v in {"preset": preset, "run_id": run_id}.items() if v}
+class RunRefused(Exception):
+    """The run API would not start the run; the message says why."""
+
+
+def _new_run_id() -> str:
+    # Chosen here, not by the server, so a Ctrl-C while the start request is in flight still knows
+    # which run to cancel.
+    return f"ft-{datetime.now(UTC):%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def _start_run(api: str, body: dict) -> None:
     r = requests.post(f"{api}/finetune", json=body, timeout=60)
-    if r.status_code == 400:
+    if r.status_code in (400, 409):
         problems = "; ".join(f"{p['field']}: {p['message']}" for p in r.json()["errors"])
-        raise SystemExit(f"the run config was refused: {problems}")
+        raise RunRefused(f"the run API did not start the run: {problems}")
     r.raise_for_status()
-    return r.json()["id"]
-
-
-def _cleanup(api: str, run_id: str | None, summary: dict | None, keep: bool, console: Console) -> None:
-    if run_id and (summary is None or summary.get("status") not in ("Completed", "Failed", "Terminated")):
-        r = requests.post(f"{api}/runs/{run_id}/cancel", timeout=60)
-        if r.status_code == 202:
-            console.print(f"canceled run {run_id} (job: {r.json().get('job')})")
-    endpoint = ((summary or {}).get("endpoint") or {}).get("name")
-    if endpoint and not keep:
-        from .chat import client_backend
-
-        client_backend().delete_endpoint(endpoint)
-        console.print(f"deleted endpoint {endpoint} (pass --keep to keep it)")
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from .chat import chat_loop
-    from .progress import print_summary, save_loss_curve, watch_run
-
-    host = ManagedDevhost(args.port)
+    host = ManagedDevhost(args.port, args.devhost_state)
     try:
         started = host.start()
     except DevhostError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
+    except KeyboardInterrupt:
+        host.stop()  # it runs in its own session: Ctrl-C did not reach it
+        console.print("\ninterrupted while the devhost started; stopped it")
+        return 130
     api = f"{host.url}/api"
     console.print(
         f"devhost {'started' if started else 'already running'} at {host.url} (log {host.log_path})"
     )
-    run_id, summary = None, None
+    run_id = args.run_id or _new_run_id()
+    body = {k: v for k, v in {"preset": args.preset, "run_id": run_id}.items() if v}
+    # A run id the user chose may name someone else's run: it is ours only once the API accepts it.
+    owned = None if args.run_id else run_id
     try:
-        run_id = _start_run(api, args.preset, args.run_id)
+        _start_run(api, body)
+        owned = run_id
         console.print(
             f"run [bold]{run_id}[/] started (preset {args.preset or 'none: the tutorial settings'})"
         )
-        summary = watch_run(api, run_id, console)
-        print_summary(summary, console)
-        curve = save_loss_curve(api, run_id, get_settings().state_dir / "runs" / run_id / "loss_curve.png")
-        if curve:
-            console.print(f"loss curve: {curve}")
-        if summary["status"] != "Completed":
-            return 1
-        endpoint = (summary.get("endpoint") or {}).get("name")
-        console.print(f"\nchat in the browser (Bot Framework Web Chat via the bot): [bold]{host.url}/chat[/]")
-        if endpoint and not args.no_chat:
-            if sys.stdin.isatty():
-                console.print("or here in the terminal; leaving the chat stops everything")
-                chat_loop(endpoint, console)
-            else:  # no terminal to chat in: keep serving the page until Ctrl-C
-                console.print("press Ctrl-C to stop")
-                threading.Event().wait()
-        return 0
+        return _follow_run(api, run_id, host, args, console)
+    except RunRefused as exc:
+        owned = None
+        console.print(f"[red]{exc}[/]")
+        return 2
     except KeyboardInterrupt:
-        console.print("\ninterrupted")
+        console.print("\ninterrupted: stopping the run and everything it started")
         return 130
     finally:
-        _cleanup(api, run_id, summary, args.keep, console)
-        if started:
-            host.stop()
-            console.print("devhost stopped")
+        leave_nothing_running(
+            api, owned, body, host=host if started else None, keep_endpoint=args.keep, console=console
+        )
+        if not started:
+            console.print(f"the devhost at {host.url} was already running; left it running")
+
+
+def _follow_run(
+    api: str, run_id: str, host: ManagedDevhost, args: argparse.Namespace, console: Console
+) -> int:
+    """Progress, summary, loss curve, then the chat; returns the exit code."""
+    from .chat import chat_loop, piped_questions
+    from .progress import print_summary, save_loss_curve, watch_run
+
+    summary = watch_run(api, run_id, console)
+    print_summary(summary, console)
+    curve = save_loss_curve(api, run_id, get_settings().state_dir / "runs" / run_id / "loss_curve.png")
+    if curve:
+        console.print(f"loss curve: {curve}")
+    if summary["status"] != "Completed":
+        return 1
+    endpoint = (summary.get("endpoint") or {}).get("name")
+    console.print(f"\nchat in the browser (Bot Framework Web Chat via the bot): [bold]{host.url}/chat[/]")
+    if not endpoint or args.no_chat:
+        return 0
+    if sys.stdin.isatty():
+        console.print("or here in the terminal; leaving the chat stops everything")
+        chat_loop(endpoint, console)
+        return 0
+    # No terminal: answer the questions piped in (one a line), then keep serving the page.
+    chat_loop(endpoint, console, read=piped_questions(console))
+    console.print("press Ctrl-C to stop")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        console.print("\nstopping")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +128,18 @@ def main(argv: list[str] | None = None) -> int:
         "--preset", default="demo", help="smoke | demo | '' for the tutorial settings (default demo)"
     )
     p_run.add_argument("--run-id", default=None)
-    p_run.add_argument("--port", type=int, default=int(os.environ.get("DEVHOST_PORT", "7071")))
+    p_run.add_argument(
+        "--port",
+        type=int,
+        default=int(os.environ.get("DEVHOST_PORT", "7071")),
+        help="the devhost's port (default 7071; 0 = start a private devhost on any free port)",
+    )
+    p_run.add_argument(
+        "--devhost-state",
+        type=Path,
+        default=None,
+        help="the devhost's state folder when this starts one (default .devhost)",
+    )
     p_run.add_argument("--keep", action="store_true", help="keep the endpoint when leaving")
     p_run.add_argument("--no-chat", action="store_true")
     p_chat = sub.add_parser("chat", help="chat with a deployed endpoint")

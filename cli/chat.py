@@ -5,6 +5,7 @@ The key is fetched from the backend at start (the run API never returns it) and 
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 from rich.console import Console
@@ -34,6 +35,20 @@ def trim_history(messages: list[dict[str, str]], limit: int = HISTORY_CHARS) -> 
     while len(kept) > 1 and sum(len(m["content"]) for m in kept) > limit:
         kept = kept[2:]
     return kept
+
+
+def piped_questions(console: Console) -> Callable[[str], str]:
+    """A ``read`` for ``chat_loop`` when stdin is not a terminal: one question a line, echoed so the
+    transcript reads like a chat; EOFError at the end of the input."""
+
+    def read(prompt: str) -> str:
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        console.print(f"{prompt}{line.rstrip()}", markup=False, highlight=False)
+        return line
+
+    return read
 
 
 def chat_loop(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -110,6 +111,8 @@ def save_loss_curve(api: str, run_id: str, out: Path) -> Path | None:
     series = {k: v for k, v in metrics.items() if isinstance(v, list) and v}
     if not series:
         return None
+    # Its config and font cache go beside the plot, not into ~/.config or ~/.cache.
+    os.environ.setdefault("MPLCONFIGDIR", str(out.parent.parent / ".matplotlib"))
     import matplotlib
 
     matplotlib.use("Agg")

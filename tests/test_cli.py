@@ -1,0 +1,241 @@
+"""``python -m cli run`` as a user runs it, a real subprocess on the ``smoke`` preset: Ctrl-C in the
+middle of a run, or at the end, leaves nothing running; without a terminal it answers the questions
+piped to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from backends.local.backend import LocalBackend
+from settings import AppSettings
+from tests.support.devhost import PROJECT_ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+FACTS = json.loads((PROJECT_ROOT / "sample_data" / "support_facts.json").read_text())
+RUN_TIMEOUT_S = 600  # a smoke run takes ~2 minutes on 2 idle cores; CI shares them
+
+
+class CliProcess:
+    """``python -m cli run --preset smoke`` with its own devhost, state folders and HOME."""
+
+    def __init__(self, tmp_path: Path, run_id: str, stdin_text: str | None = None):
+        self.tmp_path = tmp_path
+        self.run_id = run_id
+        self.home = tmp_path / "home"
+        self.home.mkdir()
+        self.state_dir = tmp_path / "phi3"
+        self.devhost_state = tmp_path / "devhost"
+        env = {
+            **os.environ,
+            "HOME": str(self.home),
+            "PHI3_STATE_DIR": str(self.state_dir),
+            "PHI3_MODELS_DIR": str(PROJECT_ROOT / ".models"),
+            "PHI3_BACKEND": "local",
+            "PYTHONUNBUFFERED": "1",
+            "COLUMNS": "160",
+        }
+        # Its own session, so that a signal to its process group is exactly what Ctrl-C in a
+        # terminal sends (the foreground group), and never reaches pytest.
+        self.proc = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "cli", "run", "--preset", "smoke", "--run-id", run_id),
+                *("--port", "0", "--devhost-state", str(self.devhost_state)),
+            ],
+            cwd=PROJECT_ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        assert self.proc.stdin
+        self.proc.stdin.write(stdin_text or "")
+        self.proc.stdin.close()
+        self.lines: list[str] = []
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    @property
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def ctrl_c(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGINT)
+
+    def wait_exit(self, timeout: float = 120) -> int:
+        try:
+            return self.proc.wait(timeout)
+        finally:
+            if self.proc.poll() is None:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def wait_for(self, what: str, condition, timeout: float = RUN_TIMEOUT_S):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            value = condition()
+            if value:
+                return value
+            exited = self.proc.poll()
+            assert exited is None, f"the CLI exited ({exited}):\n{self.output[-4000:]}"
+            time.sleep(0.2)
+        raise TimeoutError(f"never saw {what} in {timeout}s:\n{self.output[-4000:]}")
+
+    def _devhost_info(self) -> dict:
+        try:
+            return json.loads((self.devhost_state / "devhost.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+
+    def devhost_url(self) -> str | None:
+        return self._devhost_info().get("url")
+
+    def devhost_pid(self) -> int | None:
+        return self._devhost_info().get("pid")
+
+    def summary(self) -> dict | None:
+        url = self.devhost_url()
+        if not url:
+            return None
+        r = requests.get(f"{url}/api/runs/{self.run_id}", timeout=30)
+        return r.json() if r.ok else None
+
+    def pids(self) -> dict[str, int]:
+        """The devhost, trainer and scoring-server processes of this run, from their state files."""
+        found = {"devhost": self._devhost_info()["pid"]}
+        for record in self.state_dir.glob("jobs/*/job.json"):
+            found[f"trainer {record.parent.name}"] = json.loads(record.read_text())["pid"]
+        for record in self.state_dir.glob("endpoints/*/server.json"):
+            found[f"scoring server {record.parent.name}"] = json.loads(record.read_text())["pid"]
+        return found
+
+    def processes_still_running(self) -> list[str]:
+        """Every live process whose command line names this test's folders (zombies have none)."""
+        mine = str(self.tmp_path)
+        alive = []
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (FileNotFoundError, ProcessLookupError, PermissionError):
+                continue
+            if mine in cmdline:
+                alive.append(f"{proc.name}: {cmdline}")
+        return alive
+
+
+def is_alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state not in ("Z", "X")
+
+
+def endpoints_left(cli: CliProcess) -> list[str]:
+    root = cli.state_dir / "endpoints"
+    if not root.exists():
+        return []
+    return [p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def assert_nothing_left_running(cli: CliProcess, pids: dict[str, int]) -> None:
+    alive = {name: pid for name, pid in pids.items() if is_alive(pid)}
+    assert not alive, f"still running: {alive}\n{cli.output[-3000:]}"
+    assert cli.processes_still_running() == [], cli.output[-3000:]
+    assert endpoints_left(cli) == [], cli.output[-3000:]
+    assert list(cli.home.iterdir()) == [], "the CLI or what it started wrote into HOME"
+
+
+@pytest.fixture
+def cli_process(tmp_path):
+    started: list[CliProcess] = []
+
+    def start(run_id: str, stdin_text: str | None = None) -> CliProcess:
+        started.append(CliProcess(tmp_path, run_id, stdin_text))
+        return started[-1]
+
+    yield start
+    for cli in started:  # a failed test must not strand the CLI, its devhost or its servers either
+        if cli.proc.poll() is None:
+            os.killpg(cli.proc.pid, signal.SIGKILL)
+            cli.proc.wait(10)
+        devhost = cli.devhost_pid()
+        if devhost and any(line.startswith(f"{devhost}: ") for line in cli.processes_still_running()):
+            os.killpg(devhost, signal.SIGKILL)  # still ours (not a reused pid); it leads its own session
+        backend = LocalBackend(
+            AppSettings(PHI3_STATE_DIR=str(cli.state_dir), PHI3_MODELS_DIR=str(PROJECT_ROOT / ".models")),
+            restart_endpoints=False,
+        )
+        for job in backend.jobs.list():
+            if job.status not in ("Completed", "Failed", "Canceled"):
+                backend.jobs.cancel(job.name)
+        backend.endpoints.stop_all()
+
+
+def test_ctrl_c_after_the_endpoint_exists_cancels_the_run_and_leaves_nothing_running(cli_process):
+    cli = cli_process("cli-interrupted")
+
+    def endpoint_up_and_run_unfinished():
+        s = cli.summary()
+        if not s or s["status"] not in ("Running", "Pending"):
+            return None
+        steps = {step["name"]: step["status"] for step in s["steps"]}
+        servers = list(cli.state_dir.glob("endpoints/*/server.json"))
+        return steps.get("endpoint") == "succeeded" and servers and s
+
+    running = cli.wait_for("the endpoint up while the run is unfinished", endpoint_up_and_run_unfinished)
+    pids = cli.pids()
+    assert any(name.startswith("scoring server") for name in pids), pids
+    assert all(is_alive(pids[name]) for name in pids if name.startswith(("devhost", "scoring"))), pids
+    cli.ctrl_c()
+
+    assert cli.wait_exit() == 130, cli.output[-3000:]
+    out = cli.output
+    assert "interrupted: stopping the run and everything it started" in out
+    assert "canceled run cli-interrupted" in out
+    endpoint = next(name.split()[-1] for name in pids if name.startswith("scoring server"))
+    assert f"deleted endpoint {endpoint}" in out
+    assert "devhost stopped" in out
+    assert "Traceback" not in out, out[-3000:]
+    assert running["status"] in ("Running", "Pending")
+    assert_nothing_left_running(cli, pids)
+
+
+def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leaves_nothing_running(
+    cli_process,
+):
+    question = FACTS[0]["question"]
+    cli = cli_process("cli-chat", stdin_text=f"{question}\n")
+
+    answer_line = cli.wait_for(
+        "the model's answer",
+        lambda: next((line for line in cli.lines if line.startswith("model> ")), None),
+    )
+    assert answer_line.removeprefix("model> ").strip(), "the model answered nothing"
+    assert f"you> {question}" in cli.output
+    assert "run cli-chat: Completed" in cli.output
+    cli.wait_for("the prompt to stop", lambda: "press Ctrl-C to stop" in cli.output, timeout=30)
+    pids = cli.pids()
+    cli.ctrl_c()
+
+    assert cli.wait_exit() == 0, cli.output[-3000:]
+    assert "deleted endpoint" in cli.output and "devhost stopped" in cli.output
+    assert "canceled run" not in cli.output  # it had completed: nothing to cancel
+    assert "Traceback" not in cli.output, cli.output[-3000:]
+    assert_nothing_left_running(cli, pids)

@@ -1,0 +1,145 @@
+"""The run API refuses what it cannot run, over real HTTP on the devhost with the real function_app.py:
+a bad run config is a 400 that lists every problem by field path, a run id still in use is a 409, an
+unknown run is a 404. Nothing is started for a refused request."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from backends.local.backend import LocalBackend
+from settings import AppSettings
+from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+
+
+@pytest.fixture(scope="module")
+def host(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("run_api")
+    home = tmp / "home"  # promptflow, MLflow and HF must not write to the user's home
+    home.mkdir()
+    env = {
+        "PHI3_STATE_DIR": str(tmp / "phi3"),
+        "PHI3_MODELS_DIR": str(PROJECT_ROOT / ".models"),
+        "PHI3_BACKEND": "local",
+        "HOME": str(home),
+    }
+    devhost = DevhostProcess(PROJECT_ROOT, tmp / "devhost", env=env)
+    devhost.start()
+    yield devhost
+    devhost.stop()
+    backend = LocalBackend(
+        AppSettings(PHI3_STATE_DIR=env["PHI3_STATE_DIR"], PHI3_MODELS_DIR=env["PHI3_MODELS_DIR"]),
+        restart_endpoints=False,
+    )
+    for job in backend.jobs.list():  # a run canceled mid-submission may have started one
+        if job.status not in ("Completed", "Failed", "Canceled"):
+            backend.jobs.cancel(job.name)
+    backend.endpoints.stop_all()
+
+
+def post_finetune(host, **kwargs) -> requests.Response:
+    return requests.post(f"{host.url}/api/finetune", timeout=60, **kwargs)
+
+
+def run_ids(host) -> set[str]:
+    r = requests.get(f"{host.url}/api/runs", timeout=30)
+    assert r.status_code == 200, r.text
+    return {run["run_id"] for run in r.json()["runs"]}
+
+
+def errors_by_field(response: requests.Response) -> dict[str, str]:
+    assert response.headers["Content-Type"].startswith("application/json")
+    return {e["field"]: e["message"] for e in response.json()["errors"]}
+
+
+def test_a_bad_run_config_is_refused_with_every_problem_by_field_path_and_starts_nothing(host):
+    before = run_ids(host)
+    body = {
+        "preset": "smoke",
+        "colour": "blue",
+        "hyperparameters": {"learning_rate": 0, "lr_scheduler_type": "exponential"},
+        "dataset": {"test_size": 1.2},
+        "compute": {"min_instances": 2, "max_instances": 1},
+    }
+    r = post_finetune(host, json=body)
+    assert r.status_code == 400, r.text
+    problems = errors_by_field(r)
+    assert set(problems) == {
+        "colour",
+        "hyperparameters.learning_rate",
+        "hyperparameters.lr_scheduler_type",
+        "dataset.test_size",
+        "compute.min_instances",
+    }
+    assert "unknown field" in problems["colour"]
+    assert "greater than 0" in problems["hyperparameters.learning_rate"]
+    assert "'linear'" in problems["hyperparameters.lr_scheduler_type"]
+    assert "less than 1" in problems["dataset.test_size"]
+    assert "must not exceed" in problems["compute.min_instances"]
+    assert run_ids(host) == before
+
+
+def test_a_body_that_is_not_json_is_refused_with_a_clear_message(host):
+    r = post_finetune(host, data=b"preset=smoke", headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    problems = errors_by_field(r)
+    assert list(problems) == ["(body)"]
+    assert problems["(body)"].startswith("not valid JSON")
+
+
+def test_a_json_body_that_is_not_an_object_is_refused(host):
+    r = post_finetune(host, json=["preset", "smoke"])
+    assert r.status_code == 400, r.text
+    assert errors_by_field(r) == {"(body)": "must be a JSON object"}
+
+
+def test_an_unknown_preset_is_refused_naming_the_presets_there_are(host):
+    r = post_finetune(host, json={"preset": "huge"})
+    assert r.status_code == 400, r.text
+    message = errors_by_field(r)["preset"]
+    assert "unknown preset 'huge'" in message
+    assert "smoke" in message and "demo" in message
+
+
+def test_starting_a_run_id_that_is_still_active_is_a_conflict_and_leaves_the_run_alone(host):
+    run_id = "api-conflict-1"
+    body = {"preset": "smoke", "run_id": run_id, "evaluation": {"enabled": False}}
+    first = post_finetune(host, json=body)
+    assert first.status_code == 202, first.text
+    assert first.json()["id"] == run_id
+    try:
+        again = post_finetune(host, json=body)
+        assert again.status_code == 409, again.text
+        message = errors_by_field(again)["run_id"]
+        assert run_id in message and "cancel it or pick another run_id" in message
+        status = requests.get(f"{host.url}/api/runs/{run_id}", timeout=30).json()["status"]
+        assert status in ("Pending", "Running")
+    finally:
+        cancel = requests.post(f"{host.url}/api/runs/{run_id}/cancel", timeout=120)
+    assert cancel.status_code == 202, cancel.text
+    assert wait_status(host, run_id) == "Terminated"
+
+
+def wait_status(host, run_id: str, timeout: float = 60) -> str:
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = requests.get(f"{host.url}/api/runs/{run_id}", timeout=30).json()["status"]
+        if status in ("Completed", "Failed", "Terminated"):
+            return status
+        time.sleep(0.2)
+    raise TimeoutError(f"run {run_id} is still {status} after {timeout}s")
+
+
+def test_the_summary_of_an_unknown_run_is_not_found(host):
+    r = requests.get(f"{host.url}/api/runs/no-such-run", timeout=30)
+    assert r.status_code == 404
+    assert r.json() == {"error": "no run with id 'no-such-run'"}
+
+
+def test_canceling_an_unknown_run_is_not_found(host):
+    r = requests.post(f"{host.url}/api/runs/no-such-run/cancel", timeout=30)
+    assert r.status_code == 404
+    assert r.json() == {"error": "no run with id 'no-such-run'"}
