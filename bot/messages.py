@@ -7,11 +7,39 @@ characters, safe under both numbers.
 
 from __future__ import annotations
 
-from botbuilder.core import MessageFactory
-from botbuilder.schema import Activity, ActivityTypes, TextFormatTypes
+import copy
+from enum import Enum
+from typing import Any
+
+from botbuilder.schema import Activity, ActivityTypes, InputHints, TextFormatTypes
 
 TEAMS_SAFE_CHARS = 15_000
 FENCE = "```"
+# Values copy.deepcopy returns as they are (it shares them too).
+_IMMUTABLE = frozenset({type(None), str, int, float, bool})
+
+
+class ReplyActivity(Activity):
+    """An activity the bot sends, which deep-copies in a few microseconds instead of ~50.
+
+    ``TurnContext.send_activities`` deep-copies every outgoing activity, and ``copy.deepcopy`` of an
+    msrest model goes through each of its ~45 attributes, most of them None. Here immutable values
+    (None, strings, numbers, enum members) are shared, exactly as deepcopy shares them, and everything
+    else is deep-copied as usual.
+    """
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ReplyActivity:
+        clone = object.__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(
+            {
+                name: value
+                if type(value) in _IMMUTABLE or isinstance(value, Enum)
+                else copy.deepcopy(value, memo)
+                for name, value in vars(self).items()
+            }
+        )
+        return clone
 
 
 def split_message(text: str, limit: int = TEAMS_SAFE_CHARS) -> list[str]:
@@ -49,13 +77,16 @@ def _cut_point(text: str, room: int) -> int:
 
 def markdown_messages(text: str, limit: int = TEAMS_SAFE_CHARS) -> list[Activity]:
     """Message activities for ``text`` (markdown), split to fit."""
-    activities = []
-    for piece in split_message(text, limit) or [text]:
-        activity = MessageFactory.text(piece)
-        activity.text_format = TextFormatTypes.markdown
-        activities.append(activity)
-    return activities
+    return [
+        ReplyActivity(
+            type=ActivityTypes.message,
+            text=piece,
+            text_format=TextFormatTypes.markdown,
+            input_hint=InputHints.accepting_input,  # as MessageFactory.text sets it
+        )
+        for piece in split_message(text, limit) or [text]
+    ]
 
 
 def typing_activity() -> Activity:
-    return Activity(type=ActivityTypes.typing)
+    return ReplyActivity(type=ActivityTypes.typing)

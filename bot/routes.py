@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import replace
+from pathlib import Path
 from typing import Protocol
 
 from backends.scoring import ScoringClient
 from bot.endpoints import ModelEndpoint
-from flows.runner import GenerationOptions, get_flow_runner
+from flows.runner import FLOW_DIR, GenerationOptions, get_flow_runner
 
 
 class ChatRoute(Protocol):
@@ -60,12 +61,29 @@ class FlowRoute:
 
     name = "flow"
 
-    def __init__(self, *, temperature: float, max_new_tokens: int, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        temperature: float,
+        max_new_tokens: int,
+        timeout_s: float,
+        flow_dir: Path = FLOW_DIR,
+        state_dir: Path | None = None,
+    ) -> None:
         self.options = GenerationOptions(
             temperature=temperature, max_new_tokens=max_new_tokens, timeout_s=timeout_s
         )
+        self.flow_dir = flow_dir
+        self.state_dir = state_dir  # promptflow's home (the app's state directory)
 
     async def answer(self, endpoint: ModelEndpoint, question: str, history: list[dict[str, str]]) -> str:
         options = replace(self.options, contract=endpoint.contract)
-        runner = await asyncio.to_thread(get_flow_runner, endpoint.scoring_uri, endpoint.key, options=options)
+        runner = await asyncio.to_thread(
+            get_flow_runner,
+            endpoint.scoring_uri,
+            endpoint.key,
+            flow_dir=self.flow_dir,
+            options=options,
+            state_dir=self.state_dir,
+        )
         return await runner.answer(question, history)

@@ -78,6 +78,7 @@ def create_routes(settings: AppSettings, scoring: ScoringClient) -> dict[str, Ch
         temperature=settings.bot_temperature,
         max_new_tokens=settings.bot_max_new_tokens,
         timeout_s=settings.bot_model_timeout_s,
+        state_dir=settings.state_dir,
     )
     return {"direct": direct, "flow": flow}
 
