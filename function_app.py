@@ -107,9 +107,27 @@ async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) 
     if not status or status.name is None or status.name.lower() != PIPELINE:
         return _json({"error": f"no run with id '{run_id}'"}, 404)
     summary = build_summary(run_id, status.to_json(), await _wait_statuses(client, run_id))
+    # Once the run is over its endpoint is what a person wants to call: its URI is read now, from the
+    # backend (one read per request for a finished run; a running run shows the name only).
+    if summary.status not in ACTIVE and summary.endpoint and summary.endpoint.get("name"):
+        summary.endpoint.update(await asyncio.to_thread(_endpoint_now, summary.endpoint["name"]))
     if req.params.get("metrics") == "true" and summary.job and summary.job.get("name"):
         summary.job["metrics"] = await asyncio.to_thread(_job_metrics, summary.job["name"])
     return _json(summary.model_dump(exclude_none=True))
+
+
+def _endpoint_now(name: str) -> dict:
+    """The endpoint's scoring URI and state, read from the backend now (Durable history never holds it)."""
+    from backends.factory import get_backend
+    from backends.protocol import BackendError, NotFoundError
+
+    try:
+        ep = get_backend().get_endpoint(name)
+    except NotFoundError:
+        return {"scoring_uri": None, "provisioning_state": "Deleted"}
+    except BackendError as exc:
+        return {"error": str(exc)}
+    return {"scoring_uri": ep.scoring_uri, "provisioning_state": ep.provisioning_state}
 
 
 def _job_metrics(job_name: str) -> dict:

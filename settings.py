@@ -85,6 +85,7 @@ class AppSettings(BaseSettings):
     cleanup_schedule: str = Field("0 */30 * * * *", alias="CLEANUP_SCHEDULE")
     cleanup_dry_run: bool = Field(False, alias="CLEANUP_DRY_RUN")
     endpoint_idle_minutes: int = Field(120, alias="ENDPOINT_IDLE_MINUTES")
+    cleanup_delete_models: bool = Field(False, alias="CLEANUP_DELETE_MODELS")
 
     @property
     def mlflow_tracking_uri(self) -> str:

@@ -15,7 +15,7 @@ import azure.durable_functions as df
 from pydantic import ValidationError
 
 from activities import evaluate as evaluate_module
-from activities import integrate, steps
+from activities import integrate, publish, steps
 from backends.factory import get_backend
 from backends.protocol import BackendError, MLBackend
 from pipeline.chat_dataset import DatasetError
@@ -122,6 +122,11 @@ def promptflow_connection(payload: dict) -> dict:
 @bp.activity_trigger(input_name="payload")
 def flow_smoke(payload: dict) -> dict:
     return _run("flow_smoke", integrate.flow_smoke, payload)
+
+
+@bp.activity_trigger(input_name="payload")
+def publish_flow(payload: dict) -> dict:
+    return _run("publish_flow", publish.publish_flow, payload)
 
 
 @bp.activity_trigger(input_name="payload")

@@ -219,11 +219,9 @@ def endpoint(inp: StepInput, backend: MLBackend) -> StepResult:
     return StepResult(
         summary=f"endpoint {ep.name} ({ep.provisioning_state}), expires {ep.tags.get('expires-at')}",
         outputs={
-            "endpoint": {
-                "name": ep.name,
-                "scoring_uri": ep.scoring_uri,
-                "expires_at": ep.tags.get("expires-at"),
-            }
+            # The scoring URI is read where it is used (bot, connection, the run summary), never
+            # carried through Durable history.
+            "endpoint": {"name": ep.name, "expires_at": ep.tags.get("expires-at")}
         },
         created=[ResourceRef(kind="endpoint", name=ep.name)],
     )

@@ -87,9 +87,15 @@ def print_summary(summary: dict, console: Console) -> None:
     if model:
         console.print(f"model [bold]{model.get('name')}[/] version {model.get('version')}")
     if ep:
-        console.print(
-            f"endpoint [bold]{ep.get('name')}[/] at {ep.get('scoring_uri')} (expires {ep.get('expires_at')})"
+        where = (
+            f"at {ep['scoring_uri']}"
+            if ep.get("scoring_uri")
+            else f"({ep.get('provisioning_state', 'pending')})"
         )
+        console.print(f"endpoint [bold]{ep.get('name')}[/] {where} (expires {ep.get('expires_at')})")
+    if summary.get("published_flow"):
+        pub = summary["published_flow"]
+        console.print(f"flow [bold]{pub.get('display_name')}[/] in Azure AI Foundry: {pub.get('portal_url')}")
     if summary.get("smoke_test"):
         st = summary["smoke_test"]
         console.print(f"smoke test: Q: {st['question']!r}\n            A: {st['answer']!r}")

@@ -146,10 +146,12 @@ def finetune_pipeline(context: df.DurableOrchestrationContext):
             {"endpoint": run.names["endpoint"], "deployment": run.names["deployment"]},
         )
         yield from pipeline.step("traffic")
-        # 5. Integrate: the Prompt flow connection; the endpoint and the flow answer.
+        # 5. Integrate: the Prompt flow connection; the endpoint and the flow answer; on Azure the flow
+        #    goes to an Azure AI Foundry project to chat with in the portal.
         yield from pipeline.step("promptflow_connection")
         yield from pipeline.step("smoke_test")
         yield from pipeline.step("flow_smoke")
+        yield from pipeline.step("publish_flow")
         # 6. Evaluate on held-out conversations, base model vs fine-tuned.
         base = yield from pipeline.step("base_deployment")
         if base.skipped:

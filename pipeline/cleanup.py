@@ -11,6 +11,9 @@ looked at; an untagged endpoint is never touched. An endpoint goes when
   Serverless endpoints report no per-endpoint use, so only their expiry applies.
 
 Deletion order follows Azure ML's rules: traffic to 0, then each deployment, then the endpoint.
+With ``CLEANUP_DELETE_MODELS`` the fine-tuned model versions those deployments served go too, once
+no deployment anywhere in the workspace still serves them (Azure refuses to delete a model in use);
+only versions this app registered are candidates, never catalog models.
 ``CLEANUP_DRY_RUN`` only reports. Every decision and action is logged; the summary is returned.
 """
 
@@ -35,6 +38,8 @@ class CleanupDecision(BaseModel):
     action: str  # keep | delete | would-delete | failed
     reason: str
     deployments: list[str] = Field(default_factory=list)
+    models_deleted: list[str] = Field(default_factory=list)  # "name:version"
+    models_kept: list[str] = Field(default_factory=list)  # "name:version (why)"
     error: str | None = None
 
 
@@ -86,9 +91,10 @@ def deletion_reason(
     return None, f"{expiry}; {what} {since:%Y-%m-%dT%H:%M:%SZ}"
 
 
-def delete_endpoint_and_deployments(backend: MLBackend, ep: EndpointState) -> list[str]:
+def delete_endpoint_and_deployments(
+    backend: MLBackend, ep: EndpointState, deployments: list[str]
+) -> list[str]:
     """Traffic to 0, each deployment, then the endpoint (a deployment with traffic cannot be deleted)."""
-    deployments = [] if ep.kind == "serverless" else [d.name for d in backend.list_deployments(ep.name)]
     if any(ep.traffic.get(name) for name in deployments):
         backend.set_traffic(ep.name, {name: 0 for name in deployments})
         log.info("cleanup endpoint=%s traffic set to 0", ep.name)
@@ -100,8 +106,50 @@ def delete_endpoint_and_deployments(backend: MLBackend, ep: EndpointState) -> li
     return deployments
 
 
+def models_in_use(backend: MLBackend) -> set[str]:
+    """Every model reference a deployment of any endpoint serves now (this app's or not)."""
+    refs: set[str] = set()
+    for ep in backend.list_endpoints():
+        if ep.kind == "serverless":
+            continue
+        try:
+            refs |= {d.model for d in backend.list_deployments(ep.name) if d.model}
+        except NotFoundError:
+            continue  # deleted meanwhile
+    return refs
+
+
+def delete_unused_models(backend: MLBackend, served: list[str], decision: CleanupDecision) -> None:
+    """Delete the managed model versions ``served`` by a deleted endpoint that nothing serves any more."""
+    candidates = {
+        f"{m.name}:{m.version}": m for ref in served if (m := backend.managed_model(ref)) is not None
+    }
+    if not candidates:
+        return
+    in_use = {m.name + ":" + m.version for ref in models_in_use(backend) if (m := backend.managed_model(ref))}
+    for model in candidates.values():
+        label = f"{model.name}:{model.version}"
+        if label in in_use:
+            decision.models_kept.append(f"{label} (another deployment serves it)")
+            log.info("cleanup keep model=%s: another deployment serves it", label)
+            continue
+        try:
+            backend.delete_model_version(model.name, model.version)
+        except BackendError as exc:
+            decision.models_kept.append(f"{label} ({exc})"[:300])
+            log.warning("cleanup could not delete model=%s: %s", label, exc)
+            continue
+        decision.models_deleted.append(label)
+        log.info("cleanup deleted model=%s", label)
+
+
 def run_cleanup(
-    backend: MLBackend, *, dry_run: bool, idle_minutes: int, now: datetime | None = None
+    backend: MLBackend,
+    *,
+    dry_run: bool,
+    idle_minutes: int,
+    now: datetime | None = None,
+    delete_models: bool = False,
 ) -> CleanupSummary:
     now = now or datetime.now(UTC)
     endpoints = backend.list_endpoints()
@@ -114,7 +162,7 @@ def run_cleanup(
         managed=len(managed),
     )
     for ep in managed:
-        summary.decisions.append(_decide_and_act(backend, ep, now, idle_minutes, dry_run))
+        summary.decisions.append(_decide_and_act(backend, ep, now, idle_minutes, dry_run, delete_models))
     log.info(
         "cleanup done dry_run=%s seen=%d managed=%d deleted=%s",
         dry_run,
@@ -126,7 +174,12 @@ def run_cleanup(
 
 
 def _decide_and_act(
-    backend: MLBackend, ep: EndpointState, now: datetime, idle_minutes: int, dry_run: bool
+    backend: MLBackend,
+    ep: EndpointState,
+    now: datetime,
+    idle_minutes: int,
+    dry_run: bool,
+    delete_models: bool = False,
 ) -> CleanupDecision:
     try:
         reason, measured = deletion_reason(ep, backend, now, idle_minutes)
@@ -137,10 +190,14 @@ def _decide_and_act(
             log.info("cleanup would delete endpoint=%s (%s) [CLEANUP_DRY_RUN]", ep.name, reason)
             return CleanupDecision(endpoint=ep.name, kind=ep.kind, action="would-delete", reason=reason)
         log.info("cleanup deleting endpoint=%s (%s)", ep.name, reason)
-        deployments = delete_endpoint_and_deployments(backend, ep)
-        return CleanupDecision(
+        served = [] if ep.kind == "serverless" else backend.list_deployments(ep.name)
+        deployments = delete_endpoint_and_deployments(backend, ep, [d.name for d in served])
+        decision = CleanupDecision(
             endpoint=ep.name, kind=ep.kind, action="delete", reason=reason, deployments=deployments
         )
+        if delete_models:
+            delete_unused_models(backend, [d.model for d in served if d.model], decision)
+        return decision
     except NotFoundError:
         return CleanupDecision(endpoint=ep.name, kind=ep.kind, action="delete", reason="already gone")
     except (BackendError, RuntimeError, OSError) as exc:
@@ -167,6 +224,7 @@ def cleanup_now(dry_run: bool | None = None) -> CleanupSummary:
         get_backend(),
         dry_run=settings.cleanup_dry_run if dry_run is None else dry_run,
         idle_minutes=settings.endpoint_idle_minutes,
+        delete_models=settings.cleanup_delete_models,
     )
 
 

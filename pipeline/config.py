@@ -103,9 +103,27 @@ class DeploymentSection(_Section):
     max_new_tokens: int = Field(256, ge=1, le=4096)
 
 
+WORKSPACE_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_-]{2,32}$"  # Azure ML workspace / hub / project names
+
+
 class PromptflowSection(_Section):
     connection_name: str = Field("phi3-endpoint", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     flow: str = "flows/phi3_chat"
+    # Azure only (the tutorial's scenario 3); the local backend never publishes and ignores these.
+    publish: bool = Field(
+        True, description="Azure: upload the flow to an Azure AI Foundry project so a person can chat with it"
+    )
+    hub: str | None = Field(
+        None, pattern=WORKSPACE_NAME_PATTERN, description="Azure AI Foundry hub (default: <workspace>-hub)"
+    )
+    project: str | None = Field(
+        None,
+        pattern=WORKSPACE_NAME_PATTERN,
+        description=(
+            "Azure AI Foundry project the flow is published to (default: the run's workspace in serverless "
+            "mode, where it already is a project; <workspace>-project in managed_compute mode)"
+        ),
+    )
 
 
 class EvaluationSection(_Section):

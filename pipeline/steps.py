@@ -19,7 +19,7 @@ STAGES: list[tuple[str, list[str]]] = [
     ("data", ["prepare_dataset", "upload_data"]),
     ("fine-tune", ["compute", "submit_finetune", "wait_for_finetune"]),
     ("deploy", ["register_model", "endpoint", "deployment", "wait_for_deployment", "traffic"]),
-    ("integrate", ["promptflow_connection", "smoke_test", "flow_smoke"]),
+    ("integrate", ["promptflow_connection", "smoke_test", "flow_smoke", "publish_flow"]),
     ("evaluate", ["base_deployment", "wait_for_base_deployment", "evaluate", "remove_base_deployment"]),
 ]
 STEP_STAGE = {step: stage for stage, steps in STAGES for step in steps}

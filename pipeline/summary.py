@@ -31,6 +31,7 @@ class RunSummary(BaseModel):
     smoke_test: dict[str, Any] | None = None
     flow_smoke: dict[str, Any] | None = None
     connection: dict[str, Any] | None = None
+    published_flow: dict[str, Any] | None = None  # Azure: the chat flow in an Azure AI Foundry project
     evaluation: dict[str, Any] | None = None
     created_resources: list[dict[str, Any]] = Field(default_factory=list)
     error: dict[str, Any] | None = None
@@ -69,6 +70,7 @@ def build_summary(
         evaluation=outputs.get("evaluation"),
         flow_smoke=outputs.get("flow_smoke"),
         connection=outputs.get("connection"),
+        published_flow=outputs.get("published_flow"),
         created_resources=progress.get("created", []),
         error=progress.get("error"),
     )

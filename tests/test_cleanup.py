@@ -12,6 +12,7 @@ import requests
 
 from activities.steps import MANAGED_BY
 from backends.local.backend import LocalBackend
+from backends.protocol import BackendError
 from pipeline.cleanup import run_cleanup
 from settings import AppSettings
 from tests.fake_arm import seed
@@ -176,3 +177,91 @@ def test_the_timer_runs_on_the_configured_schedule_and_the_manual_trigger_return
         host.stop()
     assert fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/onlineEndpoints") == []
     assert "cleanup deleted endpoint=phi3ft-old" in host.log_text()
+
+
+def test_azure_cleanup_deletes_the_fine_tuned_model_nothing_serves_any_more(
+    fake_azure: FakeAzure, azure_backend
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    ours = {"managed-by": MANAGED_BY, "run_id": "r1"}
+    tuned = seed.model_version(fake_azure, ws, "phi3-ft-aaa", "1", ours)
+    shared = seed.model_version(fake_azure, ws, "phi3-ft-shared", "1", ours)
+    foreign = seed.model_version(fake_azure, ws, "their-model", "3", {"team": "search"})
+    catalog = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+    seed.online_endpoint(
+        fake_azure,
+        ws,
+        "phi3ft-old",
+        tags=tags(expires=NOW - timedelta(hours=1)),
+        created_at=NOW - timedelta(days=1),
+        deployments={"blue": 100, "green": 0, "base": 0, "red": 0},
+        models={"blue": tuned, "green": shared, "base": catalog, "red": foreign},
+    )
+    seed.online_endpoint(  # not expired, and not ours: it still serves the shared version
+        fake_azure,
+        ws,
+        "someone-elses",
+        tags=tags(managed=False),
+        created_at=NOW - timedelta(days=1),
+        deployments={"green": 100},
+        models={"green": shared},
+    )
+
+    summary = run_cleanup(azure_backend, dry_run=False, idle_minutes=120, delete_models=True)
+
+    decision = next(d for d in summary.decisions if d.endpoint == "phi3ft-old")
+    assert decision.action == "delete" and decision.models_deleted == ["phi3-ft-aaa:1"]
+    assert decision.models_kept == ["phi3-ft-shared:1 (another deployment serves it)"]
+    assert fake_azure.store.find(tuned) is None
+    assert fake_azure.store.find(shared) and fake_azure.store.find(foreign)  # never someone else's
+    deletes = [
+        e.path for e in fake_azure.server.exchanges if e.method == "DELETE" and e.route == "model-version"
+    ]
+    assert [p.rsplit("/models/", 1)[1] for p in deletes] == ["phi3-ft-aaa/versions/1"]  # catalog untouched
+
+
+def test_models_are_kept_unless_asked_and_azure_refuses_deleting_one_in_use(
+    fake_azure: FakeAzure, azure_backend
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    tuned = seed.model_version(fake_azure, ws, "phi3-ft-aaa", "1", {"managed-by": MANAGED_BY})
+    seed.online_endpoint(
+        fake_azure,
+        ws,
+        "phi3ft-old",
+        tags=tags(expires=NOW - timedelta(hours=1)),
+        created_at=NOW - timedelta(days=1),
+        deployments={"blue": 100},
+        models={"blue": tuned},
+    )
+    with pytest.raises(BackendError, match="delete its deployments first"):
+        azure_backend.delete_model_version("phi3-ft-aaa", "1")  # the fake refuses, as Azure does
+
+    summary = run_cleanup(azure_backend, dry_run=False, idle_minutes=120)  # CLEANUP_DELETE_MODELS off
+
+    assert summary.deleted == ["phi3ft-old"] and summary.decisions[0].models_deleted == []
+    assert fake_azure.store.find(tuned) is not None
+    azure_backend.delete_model_version("phi3-ft-aaa", "1")
+    azure_backend.delete_model_version("phi3-ft-aaa", "1")  # idempotent: already gone is fine
+    assert fake_azure.store.find(tuned) is None
+
+
+def test_local_registry_knows_its_own_versions_and_deletes_them(local: LocalBackend, tmp_path: Path):
+    import mlflow
+
+    registry = local.registry
+    client = registry.client()
+    client.create_registered_model("phi3-ft-aaa", tags={"managed-by": "phi3-finetune"})
+    client.create_model_version("phi3-ft-aaa", (tmp_path / "m").as_uri(), tags={"job_name": "j"})
+    client.create_registered_model("their-model")
+    client.create_model_version("their-model", (tmp_path / "t").as_uri())
+    assert mlflow.__version__  # the real MLflow registry on SQLite
+
+    assert local.managed_model("models:/phi3-ft-aaa/1").name == "phi3-ft-aaa"
+    assert local.managed_model("models:/their-model/1") is None
+    assert local.managed_model("models:/phi3-ft-aaa/9") is None
+    assert local.managed_model("azureml://registries/azureml/models/x/versions/1") is None
+
+    local.delete_model_version("phi3-ft-aaa", "1")
+    local.delete_model_version("phi3-ft-aaa", "1")
+    assert [m.name for m in client.search_registered_models()] == ["their-model"]

@@ -108,6 +108,10 @@ def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(sta
             data = path.read_bytes()
             assert not any(s.encode() in data for s in secrets), f"a key leaked into {path}"
     assert not any(s in json.dumps(done) for s in secrets)
+    # The scoring URI is read at the point of use (the summary read it from the backend just now).
+    for path in stack.state_dir.rglob("*"):
+        if path.is_file():
+            assert done["endpoint"]["scoring_uri"].encode() not in path.read_bytes(), path
     assert not any(s in stack.log_text() for s in secrets)
 
     listed = requests.get(f"{stack.url}/api/runs", timeout=30).json()["runs"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -30,11 +31,11 @@ from backends.protocol import (
     ResourceRef,
     SetupResult,
 )
-from pipeline.config import RunConfig
+from pipeline.config import RunConfig, resolve_project_path
 from pipeline.naming import RunNames
 from settings import AppSettings
 
-from . import catalog, connections, data, deploy, finetune, quota, setup
+from . import catalog, connections, data, deploy, finetune, models, publish, quota, setup
 from .clients import AzureClients, AzureSession, AzureTarget
 
 log = logging.getLogger(__name__)
@@ -324,6 +325,12 @@ class AzureBackend:
             return []
         return deploy.list_online_deployments(clients, endpoint)
 
+    def managed_model(self, deployment_model: str | None) -> RegisteredModel | None:
+        return models.managed_model(self._clients(), deployment_model)
+
+    def delete_model_version(self, name: str, version: str) -> None:
+        models.delete_model_version(self._clients(), name, version)
+
     def delete_deployment(self, endpoint: str, deployment: str) -> None:
         deploy.delete_online_deployment(self._clients(), endpoint, deployment, self.wait_s)
 
@@ -350,13 +357,55 @@ class AzureBackend:
         key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
         outcome = connections.upsert_custom_connection(clients, name, ep.scoring_uri or "", key)
         return SetupResult(
-            summary=f"workspace connection {name} {outcome} -> {ep.scoring_uri}",
-            details={"connection": {"name": name, "endpoint": ep.scoring_uri, "store": "workspace"}},
+            summary=f"workspace connection {name} {outcome} -> endpoint {endpoint}",
+            details={"connection": {"name": name, "endpoint": endpoint, "store": "workspace"}},
             created=[ResourceRef(kind="connection", name=name)],
         )
 
     def delete_promptflow_connection(self, name: str) -> None:
         connections.delete_connection(self._clients(), name)
+
+    def publish_flow(self, connection: str, endpoint: str, display_name: str, cfg: RunConfig) -> SetupResult:
+        """The tutorial's scenario 3: hub + project, the connection in the project, the chat flow in it."""
+        if not cfg.promptflow.publish:
+            return SetupResult(summary="", skipped="promptflow.publish is false: the flow was not uploaded")
+        clients = self._clients(cfg)
+        place = publish.foundry_place(clients.target.workspace, cfg)
+        project, created = publish.ensure_project(clients, place, self._location(cfg), self.wait_s)
+        in_project = self.session.clients(replace(clients.target, workspace=project.name))
+        if project.name != clients.target.workspace:  # else the promptflow_connection step made it there
+            ep = deploy.get_endpoint(clients, endpoint)
+            key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
+            connections.upsert_custom_connection(in_project, connection, ep.scoring_uri or "", key)
+            created.append(ResourceRef(kind="connection", name=connection, parent=project.name))
+        staged = publish.stage_flow(
+            resolve_project_path(cfg.promptflow.flow),
+            connection,
+            self.settings.state_dir / "promptflow-publish" / display_name,
+        )
+        tags = {**setup.MANAGED_BY_TAG, "connection": connection}
+        flow = publish.publish_chat_flow(in_project, staged, display_name, tags, self.settings.state_dir)
+        if flow.created:
+            created.append(ResourceRef(kind="flow", name=flow.flow_id, parent=project.name))
+        return SetupResult(
+            summary=(
+                f"chat flow '{flow.display_name}' {'uploaded to' if flow.created else 'already in'} Azure AI "
+                f"Foundry project {project.name} (connection {connection}); {publish.CLOUD_ONLY}"
+            ),
+            details={
+                "published_flow": {
+                    "hub": project.hub,
+                    "project": project.name,
+                    "flow_id": flow.flow_id,
+                    "display_name": flow.display_name,
+                    "portal_url": flow.portal_url,
+                    "definition_path": flow.definition_path,
+                    "connection": connection,
+                    "note": publish.CLOUD_ONLY,
+                }
+            },
+            created=created,
+        )
 
     # evaluation --------------------------------------------------------------------------------
     def ensure_base_deployment(

@@ -48,6 +48,10 @@ log = logging.getLogger(__name__)
 
 LOCAL_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EXPERIMENT = "phi3-finetune"
+LOCAL_PUBLISH_SKIPPED = (
+    "local backend: open flows/phi3_chat with `pf flow serve`/VS Code; "
+    "publishing is an Azure AI Foundry feature"
+)
 
 
 def _sha256(path: Path) -> str:
@@ -351,6 +355,21 @@ class LocalBackend:
         except EndpointNotFoundError:
             return
 
+    def managed_model(self, deployment_model: str | None) -> RegisteredModel | None:
+        return self.registry.managed_version(deployment_model)
+
+    def delete_model_version(self, name: str, version: str) -> None:
+        """As Azure ML: refused while any deployment serves it; a missing version is already gone."""
+        uri = f"models:/{name}/{version}"
+        for ep in self.endpoints.list_endpoints():
+            for dep in self.endpoints.list_deployments(ep.name):
+                if dep.model_uri == uri:
+                    raise BackendError(
+                        f"model {name}:{version} is used by deployment {dep.name} of endpoint {ep.name}; "
+                        "delete the deployment first"
+                    )
+        self.registry.delete_version(name, version)
+
     @staticmethod
     def _endpoint_state(info) -> EndpointState:
         return EndpointState(
@@ -372,8 +391,8 @@ class LocalBackend:
         key = self.get_endpoint_keys(endpoint).primary.get_secret_value()
         conn = upsert_connection(name, ep.scoring_uri or "", key, state_dir=self.root)
         return SetupResult(
-            summary=f"connection {conn.name} {conn.action} -> {conn.endpoint}",
-            details={"connection": {"name": conn.name, "endpoint": conn.endpoint, "store": "local"}},
+            summary=f"connection {conn.name} {conn.action} -> endpoint {endpoint}",
+            details={"connection": {"name": conn.name, "endpoint": endpoint, "store": "local"}},
             created=[ResourceRef(kind="connection", name=conn.name)],
         )
 
@@ -381,6 +400,9 @@ class LocalBackend:
         from flows.connections import delete_connection
 
         delete_connection(name, state_dir=self.root)
+
+    def publish_flow(self, connection: str, endpoint: str, display_name: str, cfg: RunConfig) -> SetupResult:
+        return SetupResult(summary="", skipped=LOCAL_PUBLISH_SKIPPED)
 
     # evaluation ---------------------------------------------------------------------------------
     def base_checkpoint(self, job_name: str) -> Path:

@@ -6,6 +6,7 @@ step finds the version it made instead of creating a second one.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,35 @@ class LocalRegistry:
             model_name, model_uri, run_id=mlflow_run_id, tags={**tags, "job_name": job_name}
         )
         return _registered(model_name, mv.version)
+
+    def managed_version(self, model_uri: str | None) -> RegisteredModel | None:
+        """``models:/<name>/<version>`` of a version this app registered (its container carries our tag)."""
+        from mlflow.exceptions import MlflowException
+
+        found = re.fullmatch(r"models:/([^/]+)/([^/]+)", model_uri or "")
+        if not found:
+            return None
+        name, version = found.groups()
+        try:
+            container = self.client().get_registered_model(name)
+            self.client().get_model_version(name, version)
+        except MlflowException:
+            return None
+        if container.tags.get("managed-by") != MANAGED_BY_TAG["managed-by"]:
+            return None
+        return _registered(name, version)
+
+    def delete_version(self, name: str, version: str) -> None:
+        """Delete one version (idempotent); the registered model goes with its last version."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        try:
+            client.delete_model_version(name, version)
+        except MlflowException:
+            return  # already gone
+        if not client.search_model_versions(f"name='{name}'"):
+            client.delete_registered_model(name)
 
     def register_directory(self, checkpoint: Path, model_name: str, job_name: str) -> RegisteredModel:
         """Log a plain HF checkpoint as a chat pyfunc model (in the evaluation experiment) and register it."""

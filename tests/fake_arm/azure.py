@@ -92,12 +92,18 @@ class FakeAzure:
         self.deployment_logs: dict[str, str] = {}
         self.job_progress: dict[str, int] = {}  # job id -> index into config.job_statuses
         self.connection_secrets: dict[str, dict[str, str]] = {}  # connection id (lower) -> its keys
+        from .files import FileShares
+        from .proxy import ConnectProxy
+
+        self.files = FileShares()  # Azure Files shares (workspaces' working directories)
+        self.flows: dict[str, dict[str, dict]] = {}  # workspace id (lower) -> flow id -> flow
+        self.proxy = ConnectProxy(self.server)
         from . import identity
 
         identity.register(self)
-        from . import arm, contents, endpoints, jobs, registry, scoring, workspace
+        from . import arm, contents, endpoints, files, flows, jobs, registry, scoring, workspace
 
-        for module in (arm, workspace, contents, jobs, registry, endpoints, scoring):
+        for module in (arm, workspace, contents, jobs, registry, endpoints, scoring, flows, files):
             module.register(self)
         self.server.add(
             "operation-status",
@@ -115,9 +121,11 @@ class FakeAzure:
     # lifecycle --------------------------------------------------------------------------------
     def start(self) -> FakeAzure:
         self.server.start()
+        self.proxy.start()
         return self
 
     def stop(self) -> None:
+        self.proxy.stop()
         self.server.stop()
 
     @property
@@ -135,6 +143,11 @@ class FakeAzure:
             "REQUESTS_CA_BUNDLE": str(self.certs.ca_file),
             "SSL_CERT_FILE": str(self.certs.ca_file),
             "AZURE_SUBSCRIPTION_ID": self.config.subscription_id,
+            # Azure Files hosts (<account>.file.<suffix>) through the fake's tunnel; loopback goes direct.
+            "HTTPS_PROXY": self.proxy.url,
+            "https_proxy": self.proxy.url,
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
         }
 
     # long-running operations ------------------------------------------------------------------

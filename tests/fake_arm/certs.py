@@ -18,6 +18,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+# The storage DNS suffix the fake cloud's metadata announces; Azure Files hosts under it
+# (<account>.file.<suffix>) are reached through the fake's CONNECT proxy and served with this certificate.
+STORAGE_SUFFIX = "core.fake-azure.test"  # starts with "core." as every cloud's does: the SDK parses it
+
 
 @dataclass(frozen=True)
 class TestCertificates:
@@ -36,7 +40,7 @@ def _name(common_name: str) -> x509.Name:
 
 
 def make_test_certificates(folder: Path) -> TestCertificates:
-    """A CA and a server certificate for 127.0.0.1 / localhost, valid for a day."""
+    """A CA and a server certificate for 127.0.0.1 / localhost / *.file.<storage suffix>, valid for a day."""
     folder.mkdir(parents=True, exist_ok=True)
     now = datetime.now(UTC) - timedelta(minutes=5)
     ca_key = ec.generate_private_key(ec.SECP256R1())
@@ -77,7 +81,11 @@ def make_test_certificates(folder: Path) -> TestCertificates:
         .not_valid_after(now + timedelta(days=1))
         .add_extension(
             x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                [
+                    x509.DNSName("localhost"),
+                    x509.DNSName(f"*.file.{STORAGE_SUFFIX}"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                ]
             ),
             critical=False,
         )

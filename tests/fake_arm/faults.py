@@ -13,6 +13,8 @@ from .server import Request
 # SDK's background pollers, which the app never waits on.
 UNFAULTED_ROUTES = frozenset({"cloud-metadata", "operation-status", "operation-result", "unknown"})
 SCORING_ROUTES = frozenset({"scoring", "serverless-chat"})
+# Azure Storage never answers 429: it throttles with 503 ServerBusy (its SDKs do not retry a 429).
+STORAGE_ROUTES = frozenset({"file-share"})
 
 
 @dataclass
@@ -40,7 +42,9 @@ class FirstCallFails:
                 return None
             self._seen.add(key)
             kind = self.kinds[len(self.injected) % len(self.kinds)]
-            if route in SCORING_ROUTES or (kind == "stall" and req.method in ("POST", "PATCH")):
+            never_stalled = kind == "stall" and req.method in ("POST", "PATCH")
+            never_429 = kind == "429" and route in STORAGE_ROUTES
+            if route in SCORING_ROUTES or never_stalled or never_429:
                 kind = "503"
             self.injected.append((req.method, route, kind))
             return kind

@@ -90,8 +90,9 @@ def resources(fake: FakeAzure, kind: str) -> list[str]:
 # What one managed_compute run leaves on the fake, however often it ran, retried or was interrupted.
 ONE_OF_EACH = {
     "resource groups": 1,
-    "workspaces": 1,
-    "storage accounts": 1,
+    "workspaces": 3,  # the Azure ML workspace; the Azure AI Foundry hub + project the flow is published to
+    "storage accounts": 2,  # the workspace's and the hub's
+    "flows": 1,
     "jobs": 1,
     "models": 1,
     "data versions": 2,
@@ -125,4 +126,6 @@ def one_of_each(fake: FakeAzure, *, serverless: bool = False) -> dict[str, int]:
             "online endpoints": f"{aml}/onlineEndpoints",
             "deployments": f"{aml}/onlineEndpoints/deployments",
         }
-    return {label: len(resources(fake, kind)) for label, kind in kinds.items()}
+    counts = {label: len(resources(fake, kind)) for label, kind in kinds.items()}
+    counts["flows"] = sum(len(flows) for flows in fake.flows.values())
+    return counts

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import parse_qsl
 
+from .certs import STORAGE_SUFFIX
 from .server import ArmError, Request, Response
 
 if TYPE_CHECKING:
@@ -68,7 +69,7 @@ def _metadata(fake: FakeAzure) -> Response:
                     "tenant": "common",
                     "identityProvider": "AAD",
                 },
-                "suffixes": {"storage": "fake.core.windows.test", "acrLoginServer": "fake.azurecr.test"},
+                "suffixes": {"storage": STORAGE_SUFFIX, "acrLoginServer": "fake.azurecr.test"},
             }
         ],
     )

@@ -33,6 +33,9 @@ def register(fake: FakeAzure) -> None:
     model = WS + r"/models/(?P<name>[^/]+)"
     s.add("model-version", "GET", model + r"/versions/(?P<v>[^/]+)", lambda r, m: _get_model(fake, r, m))
     s.add("model-version", "PUT", model + r"/versions/(?P<v>[^/]+)", lambda r, m: _put_model(fake, r, m))
+    s.add(
+        "model-version", "DELETE", model + r"/versions/(?P<v>[^/]+)", lambda r, m: _delete_model(fake, r, m)
+    )
     s.add("model-versions", "GET", model + r"/versions", lambda r, m: _list_models(fake, r, m))
     s.add("model-container", "GET", model, lambda r, m: _get_model_container(fake, r, m))
 
@@ -209,6 +212,33 @@ def _cancel(fake: FakeAzure, req: Request, m: re.Match) -> Response:
 def _get_model(fake: FakeAzure, req: Request, m: re.Match) -> Response:
     ws = workspace(fake, m)
     return Response(200, fake.store.get(f"{ws['id']}/models/{m['name']}/versions/{m['v']}", "model version"))
+
+
+def _delete_model(fake: FakeAzure, req: Request, m: re.Match) -> Response:
+    """Refused (409) while a deployment or serverless endpoint of the workspace uses the version."""
+    ws = workspace(fake, m)
+    rid = f"{ws['id']}/models/{m['name']}/versions/{m['v']}"
+    if fake.store.find(rid) is None:
+        return Response(204)
+    suffix = f"/models/{m['name']}/versions/{m['v']}".lower()
+    users = [
+        d["id"]
+        for d in fake.store.by_type(
+            "Microsoft.MachineLearningServices/workspaces/onlineEndpoints/deployments"
+        )
+        if str(d["properties"].get("model", "")).lower().endswith(suffix)
+    ] + [
+        e["id"]
+        for e in fake.store.by_type("Microsoft.MachineLearningServices/workspaces/serverlessEndpoints")
+        if str((e["properties"].get("modelSettings") or {}).get("modelId", "")).lower().endswith(suffix)
+    ]
+    if users:
+        raise ArmError(
+            409, "Conflict", f"model version {m['name']}:{m['v']} is in use by {users[0].rsplit('/', 3)[-3]}"
+        )
+    fake.store.remove(rid)
+    fake.record(f"model {m['name']}:{m['v']} deleted")
+    return Response(200)
 
 
 def _get_model_container(fake: FakeAzure, req: Request, m: re.Match) -> Response:

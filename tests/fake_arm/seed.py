@@ -59,8 +59,10 @@ def online_endpoint(
     tags: dict[str, str],
     created_at: datetime,
     deployments: dict[str, int] | None = None,
+    models: dict[str, str] | None = None,
 ) -> str:
-    """A provisioned endpoint with provisioned deployments (name -> traffic percent)."""
+    """A provisioned endpoint with provisioned deployments (name -> traffic percent); ``models``: the
+    model id a deployment serves (default: the catalog's Phi-3)."""
     ws = fake.store.find(workspace_id)
     assert ws is not None, workspace_id
     rid = f"{workspace_id}/onlineEndpoints/{name}"
@@ -101,7 +103,9 @@ def online_endpoint(
                 sku={"name": "Default", "capacity": 1},
                 systemData={"createdAt": stamp, "lastModifiedAt": stamp},
                 properties={
-                    "model": "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14",
+                    "model": (models or {}).get(
+                        deployment, "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
+                    ),
                     "instanceType": "Standard_NC24ads_A100_v4",
                     "endpointComputeType": "Managed",
                     "provisioningState": "Succeeded",
@@ -110,6 +114,21 @@ def online_endpoint(
                 },
             ),
         )
+    return rid
+
+
+def model_version(fake: FakeAzure, workspace_id: str, name: str, version: str, tags: dict[str, str]) -> str:
+    """A registered MLflow model version in the workspace; returns the id a deployment names it by."""
+    rid = f"{workspace_id}/models/{name}/versions/{version}"
+    fake.store.put(
+        rid,
+        arm_body(
+            rid,
+            f"{AML}/models/versions",
+            {},
+            properties={"modelType": "mlflow_model", "flavors": {"python_function": {}}, "tags": tags},
+        ),
+    )
     return rid
 
 

@@ -44,6 +44,8 @@ class Request:
     headers: dict[str, str]  # lower-case names
     raw: bytes
     body: Any = None
+    host: str = ""  # the Host header: a storage host reached through the CONNECT proxy, or the server's own
+    target: str = ""  # the request target as sent (percent-encoded path and query): Shared Key signs it
 
     @property
     def api_version(self) -> str | None:
@@ -89,6 +91,7 @@ class Route:
     pattern: re.Pattern
     handler: Handler
     auth: str  # "bearer" (an Entra token from this fake), "none", or "custom" (the handler checks)
+    host: re.Pattern | None = None  # None: the server's own address; else a host served via the proxy
 
 
 class FakeServer:
@@ -107,8 +110,19 @@ class FakeServer:
         self.started = time.monotonic()
 
     # -- setup ----------------------------------------------------------------------------------
-    def add(self, name: str, method: str, pattern: str, handler: Handler, auth: str = "bearer") -> None:
-        self.routes.append(Route(name, method, re.compile(f"^{pattern}$", re.IGNORECASE), handler, auth))
+    def add(
+        self,
+        name: str,
+        method: str,
+        pattern: str,
+        handler: Handler,
+        auth: str = "bearer",
+        host: str | None = None,
+    ) -> None:
+        host_pattern = re.compile(f"^{host}$", re.IGNORECASE) if host else None
+        self.routes.append(
+            Route(name, method, re.compile(f"^{pattern}$", re.IGNORECASE), handler, auth, host_pattern)
+        )
 
     def start(self) -> str:
         server = self
@@ -150,10 +164,14 @@ class FakeServer:
             except ValueError:
                 body = None
         path = re.sub(r"/{2,}", "/", unquote(parts.path))
-        return Request(h.command, path, dict(parse_qsl(parts.query)), headers, raw, body)
+        host = headers.get("host", "").rsplit(":443", 1)[0]
+        return Request(h.command, path, dict(parse_qsl(parts.query)), headers, raw, body, host, h.path)
 
     def _match(self, req: Request) -> tuple[Route, re.Match] | None:
+        proxied = bool(req.host) and not req.host.startswith(("127.0.0.1", "localhost"))
         for route in self.routes:
+            if (route.host is not None) != proxied or (route.host and not route.host.match(req.host)):
+                continue
             if route.method == req.method or (route.method == "GET" and req.method == "HEAD"):
                 m = route.pattern.match(req.path)
                 if m:

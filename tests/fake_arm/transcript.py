@@ -124,6 +124,7 @@ KEY_FIELDS: dict[tuple[str, str], Callable[[dict], dict]] = {
         "messages": len(((b or {}).get("input_data") or {}).get("input_string") or [])
     },
     ("POST", "serverless-chat"): lambda b: {"messages": len((b or {}).get("messages") or [])},
+    ("POST", "flow-create"): lambda b: _pick(b, "flowType", "flowName", "flowDefinitionFilePath"),
 }
 
 
@@ -141,6 +142,9 @@ class Placeholders:
         text = re.sub(r"https://127\.0\.0\.1:\d+", "{fake}", text)
         text = re.sub(r"http://127\.0\.0\.1:\d+", "{azurite}", text)
         text = re.sub(r"\d{4}-\d\d-\d\dT[\d:.]+Z?", "{time}", text)
+        text = re.sub(
+            r"-\d\d-\d\d-\d{4}-\d\d-\d\d-\d\d(?=[\s/\"])", "-{stamp}", text
+        )  # pfazure's flow folder
         text = re.sub(
             r"(/deployments/[^/\s]+?)-\d{5,}(?=[\s/])", r"\1-{n}", text
         )  # azure-ai-ml's random suffix

@@ -200,7 +200,7 @@ def _put_workspace(
                 if fake.blob
                 else linked["storageAccount"].rsplit("/", 1)[-1],
                 "containerName": container,
-                "endpoint": "fake.core.windows.test",
+                "endpoint": "core.fake-azure.test",
                 "protocol": "https",
                 "isDefault": True,
                 "credentials": {"credentialsType": "AccountKey"},
@@ -208,6 +208,9 @@ def _put_workspace(
             },
         ),
     )
+    from .files import provision_working_directory
+
+    provision_working_directory(fake, rid, ws_guid)
     fake.record(f"workspace {name} created by template")
 
 
