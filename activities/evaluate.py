@@ -54,12 +54,14 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
     metrics = {"finetuned": comparison.finetuned.model_dump()}
     if comparison.base:
         metrics["base"] = comparison.base.model_dump()
-    backend.log_evaluation(inp.run_id, metrics, artifacts)
+    logged_to = backend.log_evaluation(inp.run_id, metrics, artifacts)
     ft = comparison.finetuned
     summary = f"fine-tuned ROUGE-L {ft.rouge_l}, F1 {ft.f1} over {ft.rows} conversations ({ft.errors} errors)"
     if comparison.base:
         summary += f"; base ROUGE-L {comparison.base.rouge_l}, F1 {comparison.base.f1}"
-    return StepResult(summary=summary, outputs={"evaluation": comparison.model_dump(mode="json")})
+    return StepResult(
+        summary=summary, outputs={"evaluation": comparison.model_dump(mode="json") | {"logged_to": logged_to}}
+    )
 
 
 def remove_base_deployment(inp: StepInput, backend: MLBackend) -> StepResult:

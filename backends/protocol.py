@@ -196,4 +196,6 @@ class MLBackend(Protocol):
     def ensure_base_deployment(
         self, endpoint: str, deployment: str, job_name: str, model_name: str, cfg: RunConfig
     ) -> DeploymentState | None: ...
-    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None: ...
+    def log_evaluation(
+        self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]
+    ) -> str: ...  # where

@@ -122,6 +122,7 @@ def test_managed_compute_run_completes_and_makes_one_of_each_resource(
     assert (
         done["published_flow"]["project"] == f"{WORKSPACE}-project" and done["published_flow"]["portal_url"]
     )
+    assert done["evaluation"]["logged_to"].startswith("not logged to the workspace's MLflow")
     keys = [v for keys in fake_azure.endpoint_keys.values() for v in keys.values()]
     assert keys and not any(k in azure_host.log_text() or k in json.dumps(done) for k in keys)
     for path in azure_host.state_dir.rglob("*"):  # Durable history and custom status included

@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,9 +148,11 @@ def test_pf_flow_test_reports_a_refused_key_as_the_tools_auth_error_without_the_
 
 def test_pf_flow_serve_answers_a_chat_request_with_history_over_http(pf_cli, flow_copy, stub, state_dir):
     from tests.test_flow_runner import closed_port
+    from tests.test_promptflow_hygiene import promptflow_processes
     from tests.test_scoring_server import get_json, wait_for
 
     upsert_connection(CONNECTION, stub.uri(), KEY, state_dir=state_dir)
+    before = promptflow_processes()
     port = closed_port()
     server = pf_cli.start(
         "flow",
@@ -177,6 +180,11 @@ def test_pf_flow_serve_answers_a_chat_request_with_history_over_http(pf_cli, flo
     ]
     assert KEY not in output
     assert list(pf_cli.home.iterdir()) == []
+    # Stopping `pf flow serve` stops all of it (no process of it is left behind).
+    deadline = time.monotonic() + 20
+    while (left := promptflow_processes() - before) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert left == set(), left
 
 
 def post_json(url: str, body: dict) -> dict:

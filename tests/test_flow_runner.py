@@ -386,6 +386,17 @@ def test_a_new_key_builds_a_new_runner_that_sends_the_new_key(stub, state_dir):
     assert stub.requests[-1]["headers"]["authorization"] == f"Bearer {KEY}-rotated"
 
 
+def test_a_new_endpoint_builds_a_new_runner_that_calls_it(stub, state_dir):
+    clear_flow_runners()
+    old = get_flow_runner(stub.uri(), KEY, state_dir=state_dir)
+    moved = get_flow_runner(stub.uri("404"), KEY, state_dir=state_dir)  # e.g. a new deployment's endpoint
+    assert moved is not old and get_flow_runner(stub.uri(), KEY, state_dir=state_dir) is old
+
+    with pytest.raises(ScoringError):
+        moved.answer_sync("Hello?")
+    assert stub.hits["404"] == 1 and stub.hits["ok"] == 0
+
+
 def test_the_runner_cache_never_holds_the_key_in_its_keys(stub, state_dir):
     from flows import runner as runner_module
 

@@ -66,7 +66,23 @@ def finished(s):
     return s["status"] in ("Completed", "Failed", "Terminated")
 
 
+def promptflow_processes_since(before: set) -> callable:
+    from tests.test_promptflow_hygiene import promptflow_processes
+
+    return lambda: {p for p in promptflow_processes() if p not in before}
+
+
+def wait_until_gone(alive, timeout: float) -> set:
+    deadline = time.monotonic() + timeout
+    while (left := alive()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return left
+
+
 def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(stack):
+    from tests.test_promptflow_hygiene import promptflow_processes
+
+    before = promptflow_processes()
     run_id = start_run(stack, {"preset": "smoke"})
     done = wait_summary(stack, run_id, finished)
     assert done["status"] == "Completed", done.get("error")
@@ -116,6 +132,20 @@ def test_smoke_run_completes_and_the_endpoint_answers_from_its_training_data(sta
 
     listed = requests.get(f"{stack.url}/api/runs", timeout=30).json()["runs"]
     assert run_id in [r["run_id"] for r in listed]
+
+    # The evaluation is in MLflow too: one run for this pipeline run, both models' metrics, the rows.
+    client = backend.registry.client()
+    experiment = client.get_experiment_by_name("phi3-evaluation")
+    (logged,) = client.search_runs([experiment.experiment_id], f"tags.run_id = '{run_id}'")
+    assert logged.data.metrics["finetuned.rouge_l"] == pytest.approx(evaluation["finetuned"]["rouge_l"])
+    assert logged.data.metrics["base.f1"] == pytest.approx(evaluation["base"]["f1"])
+    artifacts = {a.path for a in client.list_artifacts(logged.info.run_id)}
+    assert {"finetuned.jsonl", "base.jsonl", "side_by_side.jsonl"} <= artifacts
+    assert done["evaluation"]["logged_to"].startswith("MLflow run")
+
+    # Prompt flow ran inside the host (connection, flow smoke, evaluation): nothing of it outlives it.
+    stack.stop()
+    assert wait_until_gone(promptflow_processes_since(before), timeout=20) == set()
 
 
 def _one_of_each(stack, run_id):

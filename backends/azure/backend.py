@@ -419,6 +419,11 @@ class AzureBackend:
         model = RegisteredModel(name=base.name, version=base.version, uri=base.id)
         return deploy.ensure_online_deployment(clients, endpoint, deployment, model, cfg, self.wait_s)
 
-    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
-        # The evaluation's numbers are in the run summary; Azure ML's MLflow tracking needs azureml-mlflow.
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> str:
+        # Azure ML's MLflow tracking needs the azureml-mlflow plugin, which this app does not install:
+        # say so instead of pretending.
         log.info("evaluation run_id=%s metrics=%s artifacts=%s", run_id, metrics, [a.name for a in artifacts])
+        return (
+            "not logged to the workspace's MLflow (that needs the azureml-mlflow plugin, which this app does "
+            "not install): the metrics are in this summary, the per-row files on the Function App's disk"
+        )

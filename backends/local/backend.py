@@ -439,5 +439,6 @@ class LocalBackend:
             raise BackendError(str(exc)) from exc
         return self._deployment_state(info)
 
-    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
-        self.registry.log_evaluation(run_id, metrics, artifacts)
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> str:
+        mlflow_run = self.registry.log_evaluation(run_id, metrics, artifacts)
+        return f"MLflow run {mlflow_run} in experiment phi3-evaluation ({self.registry.tracking_uri})"

@@ -121,7 +121,7 @@ class LocalRegistry:
             tags={"purpose": "base-model"},
         )
 
-    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> None:
+    def log_evaluation(self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]) -> str:
         """One MLflow run per pipeline run in the evaluation experiment (reused on retry)."""
         client = self.client()
         experiment_id = self._evaluation_experiment()
@@ -136,6 +136,7 @@ class LocalRegistry:
         for path in artifacts:
             client.log_artifact(run.info.run_id, str(path))
         client.set_terminated(run.info.run_id)
+        return run.info.run_id
 
     def _evaluation_experiment(self) -> str:
         client = self.client()
