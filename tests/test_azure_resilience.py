@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+import requests
 
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.faults import FirstCallFails
@@ -109,3 +110,34 @@ def test_throttling_server_errors_and_timeouts_on_every_call_are_survived(
         )
         == 1
     )
+
+
+def test_canceling_a_run_cancels_its_azure_ml_job_and_its_wait(fake_azure: FakeAzure, tmp_path: Path):
+    fake_azure.config.job_statuses = ("NotStarted", "Queued", *("Running",) * 400, "Completed")
+    host = AzureHost(fake_azure, tmp_path)
+    host.start()
+    try:
+        run_id = host.start_run(run_body("az-cancel"))
+
+        def job_running(s: dict) -> bool:
+            live = next(x for x in s["steps"] if x["name"] == "wait_for_finetune").get("live") or {}
+            return live.get("status") == "Running" or finished(s)
+
+        assert not finished(host.wait_summary(run_id, job_running))
+        answer = requests.post(f"{host.url}/api/runs/{run_id}/cancel", timeout=120)
+        assert answer.status_code == 202, answer.text
+        done = host.wait_summary(run_id, finished)
+        waits = requests.get(
+            f"{host.url}/runtime/webhooks/durabletask/instances/{run_id}:wait_for_finetune", timeout=30
+        ).json()
+    finally:
+        host.stop()
+    assert done["status"] == "Terminated" and answer.json()["job"]["status"] in (
+        "CancelRequested",
+        "Canceled",
+    )
+    cancels = [e for e in fake_azure.server.exchanges if e.route == "job-cancel"]
+    assert len(cancels) == 1 and cancels[0].path.split("/jobs/")[1].startswith(done["job"]["name"])
+    (job,) = fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/jobs")
+    assert job["properties"]["status"] in ("CancelRequested", "Canceled")
+    assert waits["runtimeStatus"] == "Terminated"  # the monitor polling the job stopped too
