@@ -224,3 +224,23 @@ def test_a_failed_step_records_what_exists_and_cleans_it_up_when_asked(stack):
     assert {"data", "job", "model", "endpoint", "deployment", "connection"} <= kinds
     endpoints = Path(stack.settings.state_dir) / "endpoints"
     assert not [p for p in endpoints.iterdir() if not p.name.startswith(".")], "cleanup left the endpoint"
+
+
+def test_bad_data_fails_the_run_with_the_line_before_any_compute_or_job(stack, tmp_path):
+    bad = tmp_path / "chats.jsonl"
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
+    bad.write_text(
+        "\n".join([good] * 20 + ['{"messages": [{"role": "robot", "content": "beep"}]}'] + [good] * 5)
+    )
+    run_id = start_run(stack, {"preset": "smoke", "dataset": {"hub_id": None, "files": [str(bad)]}})
+
+    done = wait_summary(stack, run_id, finished)
+
+    assert done["status"] == "Failed" and done["error"]["step"] == "prepare_dataset"
+    assert "line 21" in done["error"]["message"] and "robot" in done["error"]["message"]
+    statuses = {s["name"]: s["status"] for s in done["steps"]}
+    assert statuses["compute"] == statuses["submit_finetune"] == "pending"
+    root = Path(stack.settings.state_dir)
+    assert not (root / "jobs").exists() or not any((root / "jobs").iterdir())
