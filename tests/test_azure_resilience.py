@@ -26,6 +26,12 @@ def creates(fake: FakeAzure, since: int = 0) -> list[str]:
     ]
 
 
+def job_running(s: dict) -> bool:
+    """The fine-tune wait has seen the job Running (or the run is already over)."""
+    live = next(x for x in s["steps"] if x["name"] == "wait_for_finetune").get("live") or {}
+    return live.get("status") == "Running" or finished(s)
+
+
 def test_running_the_same_run_id_twice_creates_nothing_new(azure_host: AzureHost, fake_azure: FakeAzure):
     first = azure_host.run_to_end(run_body("az-twice"))
     assert first["status"] == "Completed", json.dumps(first.get("error"))
@@ -57,10 +63,6 @@ def test_a_host_killed_while_the_job_runs_resumes_with_one_of_each_resource(
     host.start()
     try:
         run_id = host.start_run(run_body("az-killed"))
-
-        def job_running(s: dict) -> bool:
-            live = next(x for x in s["steps"] if x["name"] == "wait_for_finetune").get("live") or {}
-            return live.get("status") == "Running" or finished(s)
 
         assert not finished(host.wait_summary(run_id, job_running))
         host.kill()
@@ -118,10 +120,6 @@ def test_canceling_a_run_cancels_its_azure_ml_job_and_its_wait(fake_azure: FakeA
     host.start()
     try:
         run_id = host.start_run(run_body("az-cancel"))
-
-        def job_running(s: dict) -> bool:
-            live = next(x for x in s["steps"] if x["name"] == "wait_for_finetune").get("live") or {}
-            return live.get("status") == "Running" or finished(s)
 
         assert not finished(host.wait_summary(run_id, job_running))
         answer = requests.post(f"{host.url}/api/runs/{run_id}/cancel", timeout=120)

@@ -22,9 +22,7 @@ import azure.functions as func
 import pytest
 from botframework.connector.auth import (
     AuthenticationConstants,
-    ChannelValidation,
     ClaimsIdentity,
-    JwtTokenExtractor,
     ManagedIdentityAppCredentials,
     MicrosoftAppCredentials,
 )
@@ -33,7 +31,12 @@ from bot.adapter import BotConfigurationError, create_adapter
 from bot.runtime import create_runtime
 from bot.storage import MemoryStore
 from settings import AppSettings
-from tests.support.bot_fakes import FakeChannel, OpenIdProvider, StubBackend, message_activity
+from tests.support.bot_fakes import (
+    FakeChannel,
+    StubBackend,
+    message_activity,
+    openid_provider_installed,
+)
 
 TENANT = "11111111-2222-3333-4444-555555555555"
 SERVICE_URL = "https://smba.trafficmanager.net/teams/"
@@ -146,14 +149,8 @@ class FakeIdentityEndpoint:
 
 @pytest.fixture
 def openid():
-    provider = OpenIdProvider().start()
-    saved = ChannelValidation.open_id_metadata_endpoint
-    ChannelValidation.open_id_metadata_endpoint = provider.metadata_url
-    JwtTokenExtractor.metadataCache.clear()  # class-level cache, keyed by URL
-    yield provider
-    ChannelValidation.open_id_metadata_endpoint = saved
-    JwtTokenExtractor.metadataCache.clear()
-    provider.stop()
+    with openid_provider_installed() as provider:
+        yield provider
 
 
 @pytest.fixture

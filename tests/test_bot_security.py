@@ -24,7 +24,13 @@ from bot.phi3_bot import WELCOME
 from bot.runtime import BotRuntime, create_runtime
 from bot.storage import MemoryStore
 from settings import AppSettings
-from tests.support.bot_fakes import FakeChannel, OpenIdProvider, StubBackend, message_activity
+from tests.support.bot_fakes import (
+    FakeChannel,
+    OpenIdProvider,
+    StubBackend,
+    message_activity,
+    openid_provider_installed,
+)
 
 APP_ID = "00000000-aaaa-bbbb-cccc-000000000001"
 OUTBOUND_TOKEN = "outbound-token-from-the-fixed-factory"
@@ -47,14 +53,8 @@ class FixedTokenFactory(PasswordServiceClientCredentialFactory):
 
 @pytest.fixture(scope="module")
 def openid():
-    provider = OpenIdProvider().start()
-    saved = ChannelValidation.open_id_metadata_endpoint
-    ChannelValidation.open_id_metadata_endpoint = provider.metadata_url
-    JwtTokenExtractor.metadataCache.clear()  # class-level cache, keyed by URL
-    yield provider
-    ChannelValidation.open_id_metadata_endpoint = saved
-    JwtTokenExtractor.metadataCache.clear()
-    provider.stop()
+    with openid_provider_installed() as provider:
+        yield provider
 
 
 @pytest.fixture

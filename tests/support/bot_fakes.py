@@ -14,6 +14,8 @@ import json
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -270,3 +272,20 @@ class OpenIdProvider:
         now = int(time.time())
         payload = {"iss": "https://api.botframework.com", "nbf": now - 10, "exp": now + lifetime_s, **claims}
         return jwt.encode(payload, key or self.key, algorithm="RS256", headers={"kid": kid or self.kid})
+
+
+@contextmanager
+def openid_provider_installed() -> Iterator[OpenIdProvider]:
+    """Our OpenID provider as the Bot Framework channel's, for the time of the block."""
+    from botframework.connector.auth import ChannelValidation, JwtTokenExtractor
+
+    provider = OpenIdProvider().start()
+    saved = ChannelValidation.open_id_metadata_endpoint
+    ChannelValidation.open_id_metadata_endpoint = provider.metadata_url
+    JwtTokenExtractor.metadataCache.clear()  # class-level cache, keyed by URL
+    try:
+        yield provider
+    finally:
+        ChannelValidation.open_id_metadata_endpoint = saved
+        JwtTokenExtractor.metadataCache.clear()
+        provider.stop()
