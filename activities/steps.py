@@ -17,7 +17,7 @@ from pydantic import BaseModel
 
 from backends.protocol import DataAssets, MLBackend, NotFoundError, RegisteredModel, ResourceRef, SetupResult
 from pipeline.chat_dataset import HubDataset, LocalFiles, load_rows, prepare_dataset
-from pipeline.config import LOCAL_BASE_MODELS, RunConfig, resolve_project_path
+from pipeline.config import LOCAL_BASE_MODELS, RunConfig, resolve_project_path, row_token_limit
 from pipeline.steps import StepResult
 from settings import get_settings
 
@@ -81,7 +81,7 @@ def _prepare(inp: StepInput, backend: MLBackend):
         drop_invalid=cfg.dataset.drop_invalid_rows,
         count_tokens=count_tokens,
         tokenizer_name=tokenizer_name,
-        max_tokens=cfg.dataset.max_tokens,
+        max_tokens=row_token_limit(cfg)[0],
         epochs=cfg.hyperparameters.num_train_epochs,
     )
 

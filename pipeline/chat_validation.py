@@ -242,8 +242,9 @@ def _measure(messages: list[dict[str, str]], count_tokens: CountTokens, max_toke
         return _fail(
             ProblemReason.TOO_LONG,
             "messages",
-            f"messages: the conversation is {total} tokens long, over max_tokens={max_tokens}; "
-            "the trainer would cut off the end, which is the assistant's answer",
+            f"messages: the conversation is {total} tokens long, over the limit of {max_tokens} "
+            "(dataset.max_tokens, or the model's context if smaller); the trainer would cut off the end, "
+            "which is the assistant's answer",
         )
     return RowCheck(messages=messages, total_tokens=total, assistant_tokens=assistant)
 

@@ -8,6 +8,8 @@ fields in the body override the preset. Validation reports every problem with it
 from __future__ import annotations
 
 import copy
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -339,6 +341,30 @@ def _local_model_problems(name: str, settings: AppSettings) -> list[ConfigProble
             ),
         )
     ]
+
+
+def context_window(model_name: str) -> int | None:
+    """The model's context in tokens, where it can be known without loading it: a checkpoint directory's
+    ``max_position_embeddings``, or the window catalog names carry (``-4k-``, ``-128k-``)."""
+    path = Path(model_name)
+    if path.is_absolute() and (path / "config.json").is_file():
+        try:
+            value = json.loads((path / "config.json").read_text(encoding="utf-8")).get(
+                "max_position_embeddings"
+            )
+        except (OSError, ValueError):
+            return None
+        return value if isinstance(value, int) and value > 0 else None
+    found = re.search(r"-(\d+)k-", f"-{model_name.lower()}-")
+    return int(found.group(1)) * 1024 if found else None
+
+
+def row_token_limit(cfg: RunConfig) -> tuple[int, str]:
+    """The longest conversation a run accepts, and where that limit comes from."""
+    window = context_window(cfg.model.name)
+    if window is not None and window < cfg.dataset.max_tokens:
+        return window, f"the context of {cfg.model.name}"
+    return cfg.dataset.max_tokens, "dataset.max_tokens"
 
 
 def resolve_project_path(name: str) -> Path:

@@ -179,3 +179,24 @@ def test_local_phi3_checkpoint_setting_is_accepted(local, tmp_path):
     (tmp_path / "config.json").write_text("{}")
     settings = AppSettings(PHI3_BACKEND="local", PHI3_LOCAL_CHECKPOINT_DIR=str(tmp_path))
     assert parse_run_config({"dataset": {"files": ["sample_data/support_chats.jsonl"]}}, settings).model.name
+
+
+def test_rows_are_limited_by_the_models_context_when_it_is_smaller(tmp_path, azure):
+    from pipeline.config import context_window, row_token_limit
+
+    assert context_window("Phi-3-mini-4k-instruct") == 4096
+    assert context_window("Phi-3-mini-128k-instruct") == 131072
+    assert context_window("tiny-phi3") is None
+    checkpoint = tmp_path / "ckpt"
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"max_position_embeddings": 2048}')
+    assert context_window(str(checkpoint)) == 2048
+
+    long_rows = parse_run_config({"dataset": {"max_tokens": 8000}}, azure)
+    assert row_token_limit(long_rows) == (4096, "the context of Phi-3-mini-4k-instruct")
+    assert row_token_limit(parse_run_config({"dataset": {"max_tokens": 1000}}, azure)) == (
+        1000,
+        "dataset.max_tokens",
+    )
+    local = parse_run_config({"model": {"name": str(checkpoint)}}, AppSettings(PHI3_BACKEND="local"))
+    assert row_token_limit(local)[0] == 2048
