@@ -7,6 +7,7 @@ every body is JSON or empty, start/raise-event bodies arrive double-encoded, 404
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import datetime
 from urllib.parse import quote
@@ -65,43 +66,66 @@ def _error(status: int, message: str) -> web.Response:
 
 
 def _flag(request: web.Request, name: str, default: bool = False) -> bool:
-    value = request.query.get(name)
-    return default if value is None else value.lower() == "true"
+    """A boolean query parameter the way .NET's ``bool.TryParse`` reads it (else the default)."""
+    value = (request.query.get(name) or "").strip().lower()
+    return value == "true" if value in ("true", "false") else default
+
+
+# A completion folds the event that scheduled it into itself (by TaskScheduledId).
+_SCHEDULED_BY = {
+    h.EventType.TaskCompleted: h.EventType.TaskScheduled,
+    h.EventType.TaskFailed: h.EventType.TaskScheduled,
+    h.EventType.SubOrchestrationInstanceCompleted: h.EventType.SubOrchestrationInstanceCreated,
+    h.EventType.SubOrchestrationInstanceFailed: h.EventType.SubOrchestrationInstanceCreated,
+}
+_RESULT_EVENTS = (
+    h.EventType.TaskCompleted,
+    h.EventType.SubOrchestrationInstanceCompleted,
+    h.EventType.ExecutionCompleted,
+)
 
 
 def _history_for_api(events: list[dict], show_output: bool, show_input: bool) -> list[dict]:
-    """The extension's historyEvents: type names, scheduled times folded into completions."""
-    scheduled: dict[int, dict] = {}
-    out = []
+    """The extension's ``historyEvents`` (DurableClient.GetDurableOrchestrationStatusAsync).
+
+    Type names instead of numbers; no ``EventId``/``IsPlayed``; Orchestrator* rows dropped. A
+    TaskScheduled/SubOrchestrationInstanceCreated row is folded into its completion (``FunctionName``,
+    ``ScheduledTime`` and, with showInput, the scheduled ``Input``); one still in flight stays.
+    ``Result`` only with showHistoryOutput; no ``Input`` anywhere when showInput is false. (The
+    extension parses ``Result`` into a JSON value; the devhost keeps it as the stored JSON text.)
+    """
+    items: list[dict | None] = []
+    scheduled: dict[tuple[h.EventType, int], int] = {}
     for ev in events:
         kind = h.EventType(ev["EventType"])
+        if kind in (h.EventType.OrchestratorStarted, h.EventType.OrchestratorCompleted):
+            continue
+        item = {k: v for k, v in ev.items() if k not in ("EventId", "IsPlayed")}
+        item["EventType"] = kind.name
         if kind in (h.EventType.TaskScheduled, h.EventType.SubOrchestrationInstanceCreated):
-            scheduled[ev["EventId"]] = ev
-            continue
-        if kind in (
-            h.EventType.OrchestratorStarted,
-            h.EventType.OrchestratorCompleted,
-            h.EventType.TimerCreated,
-        ):
-            continue
-        item = {"EventType": kind.name, "Timestamp": ev["Timestamp"]}
-        source = scheduled.get(ev.get("TaskScheduledId", -2))
-        if source:
-            item["FunctionName"] = source.get("Name")
-            item["ScheduledTime"] = source["Timestamp"]
-        if kind == h.EventType.ExecutionStarted:
-            item["FunctionName"] = ev.get("Name")
-            if show_input:
-                item["Input"] = ev.get("Input")
-        for key in ("Reason", "Details", "FireAt", "OrchestrationStatus", "Name"):
-            if key in ev and key not in item and not (kind == h.EventType.ExecutionStarted and key == "Name"):
-                item[key] = ev[key]
-        if show_output:
-            for key in ("Result", "Input"):
-                if key in ev and key not in item and kind != h.EventType.ExecutionStarted:
-                    item[key] = ev[key]
-        out.append(item)
-    return out
+            scheduled[(kind, ev["EventId"])] = len(items)
+            item.pop("Version", None)
+        elif kind in _SCHEDULED_BY:
+            index = scheduled.pop((_SCHEDULED_BY[kind], item.pop("TaskScheduledId", None)), None)
+            source = items[index] if index is not None else None
+            if source is not None:
+                items[index] = None  # type: ignore[index]
+                item["ScheduledTime"] = source["Timestamp"]
+                item["FunctionName"] = source.get("Name")
+                if show_input:
+                    item["Input"] = source.get("Input")
+        elif kind == h.EventType.ExecutionStarted:
+            item["FunctionName"] = item.pop("Name", None)
+            for key in ("OrchestrationInstance", "ParentInstance", "Version", "Tags"):
+                item.pop(key, None)
+        elif kind == h.EventType.TimerFired:
+            item.pop("TimerId", None)
+        if kind in _RESULT_EVENTS and not show_output:
+            item.pop("Result", None)
+        if not show_input:
+            item.pop("Input", None)
+        items.append(item)
+    return [i for i in items if i is not None]
 
 
 def status_object(
@@ -203,7 +227,8 @@ class ManagementApi:
             },
         )
 
-    def _filtered(self, request: web.Request) -> list[Instance]:
+    @staticmethod
+    def _filter(request: web.Request) -> tuple[list[str], list]:
         clauses, args = [], []
         for param, op in (("createdTimeFrom", ">="), ("createdTimeTo", "<=")):
             if request.query.get(param):
@@ -217,23 +242,37 @@ class ManagementApi:
         if prefix:
             clauses.append("substr(id, 1, ?) = ?")
             args.extend([len(prefix), prefix])
-        where = ("WHERE " + " AND ".join(clauses)) if clauses else ""
-        return self.engine.store.query_instances(where, args)
+        return clauses, args
+
+    def _filtered(self, request: web.Request) -> list[Instance]:
+        clauses, args = self._filter(request)
+        return self.engine.store.query_instances(_where(clauses), args)
 
     async def list_instances(self, request: web.Request) -> web.Response:
+        """List/filter; ``top`` pages, and ``x-ms-continuation-token`` (request and response header)
+        carries on after the last instance returned — by key, so instances purged or created between
+        pages neither shift nor repeat the rest. Without ``top`` everything comes back (the Python
+        client never pages)."""
         try:
-            instances = self._filtered(request)
+            clauses, args = self._filter(request)
+            token = request.headers.get("x-ms-continuation-token")
+            if token:
+                created, last_id = _decode_token(token)
+                clauses.append("(created > ? OR (created = ? AND id > ?))")
+                args.extend([created, created, last_id])
         except DurableError as exc:
             return _error(exc.status, str(exc))
-        top = int(request.query.get("top", "0") or 0)
-        start = int(request.headers.get("x-ms-continuation-token", "0") or 0)
+        try:
+            top = int(request.query.get("top", "0"))
+        except ValueError:
+            top = 0  # the extension ignores a ``top`` that is not an integer
+        limit = top + 1 if top > 0 else None
+        instances = self.engine.store.query_instances(_where(clauses), args, limit=limit)
         headers = {}
-        if top > 0:
-            page = instances[start : start + top]
-            if start + top < len(instances):
-                headers["x-ms-continuation-token"] = str(start + top)
-            instances = page
-        show_input = _flag(request, "showInput", False)
+        if top > 0 and len(instances) > top:
+            instances = instances[:top]
+            headers["x-ms-continuation-token"] = _encode_token(instances[-1])
+        show_input = _flag(request, "showInput", True)  # OrchestrationStatusQueryCondition.ShowInput
         body = [status_object(self.engine, i, show_input=show_input) for i in instances]
         return web.json_response(body, headers=headers)
 
@@ -296,9 +335,32 @@ class ManagementApi:
         return self._check_status_response(request, inst)
 
     async def rewind(self, request: web.Request) -> web.Response:
+        inst = self.engine.store.get_instance(request.match_info["instance_id"])
+        if inst is None:
+            return web.Response(status=404)
+        if inst.status in (h.COMPLETED, h.TERMINATED, h.CANCELED):
+            return web.Response(status=410)  # the extension's answer before it tries to rewind
         return web.json_response(
             "rewind is not supported by the devhost; restart the instance instead", status=400
         )
+
+
+def _where(clauses: list[str]) -> str:
+    return ("WHERE " + " AND ".join(clauses)) if clauses else ""
+
+
+def _encode_token(last: Instance) -> str:
+    return base64.urlsafe_b64encode(json.dumps([last.created, last.id]).encode()).decode()
+
+
+def _decode_token(token: str) -> tuple[str, str]:
+    try:
+        created, last_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if isinstance(created, str) and isinstance(last_id, str):
+            return created, last_id
+    except (ValueError, TypeError):
+        pass
+    raise DurableError(400, f"x-ms-continuation-token '{token}' is not a token this host issued")
 
 
 def _parse_time(text: str, param: str) -> datetime:

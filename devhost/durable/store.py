@@ -135,8 +135,12 @@ class Store:
         ).fetchone()
         return Instance(*row) if row else None
 
-    def query_instances(self, where: str = "", args: Iterable = ()) -> list[Instance]:
+    def query_instances(
+        self, where: str = "", args: Iterable = (), limit: int | None = None
+    ) -> list[Instance]:
         sql = f"SELECT {_INSTANCE_COLS} FROM instances {where} ORDER BY created, id"
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
         return [Instance(*r) for r in self.db.execute(sql, tuple(args))]
 
     @staticmethod

@@ -315,3 +315,88 @@ def nondeterministic(context: df.DurableOrchestrationContext):
     yield context.call_activity("slow_step", {"step": flag, "seconds": 0.5})
     yield context.call_activity("say_hello", "end")
     return flag
+
+
+# --- Management through the real DurableOrchestrationClient (tests/test_devhost_management.py) -----
+@app.orchestration_trigger(context_name="context")
+def history_probe(context: df.DurableOrchestrationContext):
+    """One of each history row the status API folds or shows: activity, timer, external event."""
+    greeting = yield context.call_activity("say_hello", context.get_input()["name"])
+    yield context.create_timer(context.current_utc_datetime + timedelta(milliseconds=100))
+    context.set_custom_status("waiting for Go")
+    go = yield context.wait_for_external_event("Go")
+    return {"greeting": greeting, "go": go}
+
+
+def _client_status(status) -> dict:
+    """What a DurableOrchestrationStatus object holds, as the client built it."""
+    return {
+        "truthy": bool(status),
+        "instanceId": status.instance_id,
+        "name": status.name,
+        "runtimeStatus": status.runtime_status.value if status.runtime_status else None,
+        "input": status.input_,
+        "output": status.output,
+        "customStatus": status.custom_status,
+        "history": status.history,
+        "historyEvents": getattr(status, "historyEvents", None),
+    }
+
+
+def _client_time(text):
+    from datetime import datetime
+
+    return datetime.fromisoformat(text) if text else None
+
+
+def _client_statuses(names):
+    return None if names is None else [df.OrchestrationRuntimeStatus(n) for n in names]
+
+
+@app.route(route="client/{op}", methods=["POST"])
+@app.durable_client_input(client_name="client")
+async def http_client_op(req: func.HttpRequest, client) -> func.HttpResponse:
+    """Make one DurableOrchestrationClient call with the JSON body's arguments and answer with what
+    it returned (``{"result": ...}``) or raised (``{"error": "<Type>: <message>"}``)."""
+    a = req.get_json()
+    op = req.route_params["op"]
+    try:
+        if op == "get_status":
+            flags = (
+                a.get("show_history", False),
+                a.get("show_history_output", False),
+                a.get("show_input", False),
+            )
+            result = _client_status(await client.get_status(a["id"], *flags))
+        elif op == "get_status_all":
+            result = [_client_status(s) for s in await client.get_status_all()]
+        elif op == "get_status_by":
+            found = await client.get_status_by(
+                _client_time(a.get("from")),
+                _client_time(a.get("to")),
+                _client_statuses(a.get("runtime_status")),
+                a.get("prefix"),
+            )
+            result = [_client_status(s) for s in found]
+        elif op == "terminate":
+            result = await client.terminate(a["id"], a["reason"])
+        elif op == "raise_event":
+            result = await client.raise_event(a["id"], a["name"], a.get("data"))
+        elif op == "rewind":
+            result = await client.rewind(a["id"], a["reason"])
+        elif op == "purge":
+            result = (await client.purge_instance_history(a["id"])).instances_deleted
+        elif op == "purge_by":
+            purged = await client.purge_instance_history_by(
+                _client_time(a.get("from")),
+                _client_time(a.get("to")),
+                _client_statuses(a.get("runtime_status")),
+            )
+            result = purged.instances_deleted
+        else:
+            return func.HttpResponse(f"unknown client operation {op}", status_code=404)
+    except Exception as exc:
+        return func.HttpResponse(
+            json.dumps({"error": f"{type(exc).__name__}: {exc}"}), mimetype="application/json"
+        )
+    return func.HttpResponse(json.dumps({"result": result}), mimetype="application/json")
