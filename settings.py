@@ -40,7 +40,7 @@ class AppSettings(BaseSettings):
     azure_http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="AZURE_HTTP_TIMEOUT_SECONDS")
     # How long a setup step (workspace, registry, endpoint, traffic) waits for Azure to finish
     # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
-    azure_setup_wait_seconds: float = Field(240.0, gt=0, le=1800, alias="AZURE_SETUP_WAIT_SECONDS")
+    azure_setup_wait_seconds: float = Field(20.0, gt=0, le=1800, alias="AZURE_SETUP_WAIT_SECONDS")
     # Evaluation on Azure compares with the base model only when this is on: it deploys the catalog
     # model beside the fine-tuned one (a second GPU deployment, billed while it exists).
     azure_evaluate_base_model: bool = Field(False, alias="AZURE_EVALUATE_BASE_MODEL")

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from activities import evaluate as evaluate_module
 from activities import integrate, publish, steps
 from backends.factory import get_backend
-from backends.protocol import BackendError, MLBackend
+from backends.protocol import BackendError, MLBackend, StillProvisioning
 from pipeline.chat_dataset import DatasetError
 from pipeline.steps import StepResult
 
@@ -36,9 +36,15 @@ def _run(name: str, fn: Callable[[steps.StepInput, MLBackend], StepResult], payl
     started = time.perf_counter()
     try:
         result = fn(inp, get_backend())
+    except StillProvisioning as exc:  # the orchestrator calls the step again after a durable timer
+        result = StepResult(pending=str(exc))
     except _permanent_errors() as exc:
         result = StepResult(ok=False, error=str(exc))
-    outcome = "failed" if not result.ok else ("skipped" if result.skipped else "ok")
+    outcome = (
+        "failed"
+        if not result.ok
+        else ("skipped" if result.skipped else "pending" if result.pending else "ok")
+    )
     log.info(
         "step=%s run_id=%s outcome=%s duration_ms=%.0f",
         name,
@@ -46,6 +52,8 @@ def _run(name: str, fn: Callable[[steps.StepInput, MLBackend], StepResult], payl
         outcome,
         (time.perf_counter() - started) * 1000,
     )
+    if result.pending:
+        log.info("step=%s run_id=%s still under way: %s", name, inp.run_id, result.pending)
     return result.model_dump(mode="json")
 
 

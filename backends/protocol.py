@@ -43,6 +43,12 @@ class NotFoundError(BackendError):
     """The named resource does not exist (get-or-create treats this, and only this, as 'create')."""
 
 
+class StillProvisioning(Exception):
+    """An operation the step started is still under way after the step's short wait. The step hands back
+    to the orchestrator, which calls it again after a durable timer (the step is idempotent, so the call
+    picks the operation up where Azure is) — no activity sits on a long poller."""
+
+
 class ResourceRef(BaseModel):
     """Something a run created, so a failed run can say what exists and clean it up."""
 

@@ -147,9 +147,7 @@ def report(times: dict[str, list[float]], health: dict) -> None:
     ratio = percentile(served, 0.5) / percentile(raw, 0.5)
     overhead_ms = (percentile(served, 0.5) - percentile(raw, 0.5)) * 1e3
     verdict = "meets" if ratio <= 1.1 else "MISSES"
-    print(
-        f"server overhead over raw generate at p50: {overhead_ms:+.2f} ms/request; {verdict} the 1.1x goal"
-    )
+    print(f"server overhead over raw generate at p50: {overhead_ms:+.2f} ms/request; {verdict} the 1.1x goal")
 
 
 def main() -> None:

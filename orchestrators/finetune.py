@@ -59,13 +59,31 @@ class PipelineRun:
         }
 
     def step(self, name: str):
-        self.progress.begin(name, self.context.current_utc_datetime)
+        polling = self.run.config.polling
+        started = self.context.current_utc_datetime
+        deadline = started + timedelta(hours=polling.timeout_hours)
+        interval = polling.initial_seconds
+        self.progress.begin(name, started)
         self.publish()
-        try:
-            raw = yield self.context.call_activity_with_retry(name, STEP_RETRY, self.payload())
-            result = StepResult.model_validate(raw)
-        except Exception as exc:  # retries exhausted: the activity's own error text
-            result = StepResult(ok=False, error=_activity_error(exc))
+        while True:
+            try:
+                raw = yield self.context.call_activity_with_retry(name, STEP_RETRY, self.payload())
+                result = StepResult.model_validate(raw)
+            except Exception as exc:  # retries exhausted: the activity's own error text
+                result = StepResult(ok=False, error=_activity_error(exc))
+            if not result.pending:
+                break
+            # Still provisioning: wait on a durable timer, then call the (idempotent) step again.
+            now = self.context.current_utc_datetime
+            if now >= deadline:
+                result = StepResult(
+                    ok=False, error=f"still under way after {polling.timeout_hours} h: {result.pending}"
+                )
+                break
+            self.progress.still_pending(name, result.pending)
+            self.publish()
+            yield self.context.create_timer(now + timedelta(seconds=interval))
+            interval = min(interval * polling.backoff, polling.max_seconds)
         self.progress.finish(name, result, self.context.current_utc_datetime)
         self.publish()
         if not result.ok:

@@ -26,7 +26,7 @@ import azure.functions as func
 from pydantic import BaseModel, Field
 
 from activities.steps import MANAGED_BY
-from backends.protocol import BackendError, EndpointState, MLBackend, NotFoundError
+from backends.protocol import BackendError, EndpointState, MLBackend, NotFoundError, StillProvisioning
 from settings import AppSettings
 
 log = logging.getLogger("cleanup")
@@ -35,7 +35,7 @@ log = logging.getLogger("cleanup")
 class CleanupDecision(BaseModel):
     endpoint: str
     kind: str
-    action: str  # keep | delete | would-delete | failed
+    action: str  # keep | delete | would-delete | deleting | failed
     reason: str
     deployments: list[str] = Field(default_factory=list)
     models_deleted: list[str] = Field(default_factory=list)  # "name:version"
@@ -200,6 +200,15 @@ def _decide_and_act(
         return decision
     except NotFoundError:
         return CleanupDecision(endpoint=ep.name, kind=ep.kind, action="delete", reason="already gone")
+    except StillProvisioning as exc:  # a deletion Azure is still carrying out: the next tick finishes it
+        log.info("cleanup endpoint=%s still deleting: %s", ep.name, exc)
+        return CleanupDecision(
+            endpoint=ep.name,
+            kind=ep.kind,
+            action="deleting",
+            reason="still being deleted",
+            error=str(exc)[:500],
+        )
     except (BackendError, RuntimeError, OSError) as exc:
         # One endpoint's failure (a busy endpoint, a throttled call) must not stop the others; the
         # next tick tries again.

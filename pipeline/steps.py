@@ -37,6 +37,9 @@ class StepResult(BaseModel):
     outputs: dict[str, Any] = Field(default_factory=dict)
     created: list[ResourceRef] = Field(default_factory=list)
     error: str | None = None
+    # Set when an operation the step started is still under way: the orchestrator calls the step again
+    # after a durable timer instead of an activity waiting on it.
+    pending: str | None = None
 
 
 class StepRecord(BaseModel):
@@ -48,6 +51,7 @@ class StepRecord(BaseModel):
     duration_s: float | None = None
     summary: str | None = None
     error: str | None = None
+    checks: int | None = None  # how often a step handed back while its operation was still under way
 
 
 class RunProgress(BaseModel):
@@ -89,6 +93,11 @@ class RunProgress(BaseModel):
             record.status, record.summary = "succeeded", result.summary
         self.created.extend(r for r in result.created if r not in self.created)
         self.outputs.update(result.outputs)
+
+    def still_pending(self, name: str, note: str) -> None:
+        record = self.step(name)
+        record.checks = (record.checks or 0) + 1
+        record.summary = f"waiting: {note}"
 
     def fail(self, name: str, message: str) -> None:
         self.status = "Failed"

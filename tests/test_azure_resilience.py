@@ -139,3 +139,26 @@ def test_canceling_a_run_cancels_its_azure_ml_job_and_its_wait(fake_azure: FakeA
     (job,) = fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/jobs")
     assert job["properties"]["status"] in ("CancelRequested", "Canceled")
     assert waits["runtimeStatus"] == "Terminated"  # the monitor polling the job stopped too
+
+
+def test_provisioning_longer_than_a_steps_wait_is_waited_on_with_durable_timers(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    host = AzureHost(fake_azure, tmp_path)
+    host.env["AZURE_SETUP_WAIT_SECONDS"] = "0.01"  # every provisioning read hands back to the orchestrator
+    host.start()
+    try:
+        done = host.run_to_end(run_body("az-handback"), timeout=420)
+        history = requests.get(
+            f"{host.url}/runtime/webhooks/durabletask/instances/az-handback",
+            params={"showHistory": "true"},
+            timeout=30,
+        ).json()["historyEvents"]
+    finally:
+        host.stop()
+    assert done["status"] == "Completed", json.dumps(done.get("error"))
+    waited = {s["name"]: s["checks"] for s in done["steps"] if s.get("checks")}
+    assert {"workspace", "endpoint"} <= set(waited), waited  # they handed back and were called again
+    assert any(e["EventType"] == "TimerCreated" for e in history)
+    assert one_of_each(fake_azure) == ONE_OF_EACH  # calling a step again never made a second resource
+    assert "AZURE_SETUP_WAIT_SECONDS" in host.log_text()  # the hand-back is logged, not silent

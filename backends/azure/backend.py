@@ -1,8 +1,9 @@
 """The Azure backend (``PHI3_BACKEND=azure``): the tutorial's steps through azure-ai-ml and azure-mgmt-*.
 
 Every step is get-or-create by a name derived from the run id and safe to run again; long
-operations are submitted and polled by the orchestrator (jobs, deployments) or waited on within
-``AZURE_SETUP_WAIT_SECONDS`` (workspace, registry, cluster, endpoint, traffic); Azure's errors come
+operations are submitted and polled by the orchestrator (jobs, deployments) or watched for at most
+``AZURE_SETUP_WAIT_SECONDS`` (workspace, registry, cluster, endpoint, traffic) and then handed back
+(``StillProvisioning``) for the orchestrator to call the step again after a durable timer; Azure's errors come
 back as ``BackendError`` messages that say what to do. Keys are read only by ``get_endpoint_keys``.
 
 Where the run lives: the app settings (AZURE_SUBSCRIPTION_ID, AZURE_RESOURCE_GROUP,

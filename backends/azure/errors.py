@@ -20,7 +20,7 @@ from azure.core.exceptions import (
     ResourceNotFoundError,
 )
 
-from backends.protocol import BackendError, NotFoundError
+from backends.protocol import BackendError, NotFoundError, StillProvisioning
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,9 @@ ADVICE = {
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
-class ProvisioningPending(RuntimeError):
-    """A resource is still provisioning after the step's wait budget; the orchestrator retries the step."""
+class ProvisioningPending(StillProvisioning, RuntimeError):
+    """A resource is still provisioning after the step's wait budget; the orchestrator calls the step
+    again after a durable timer (the cleanup timer, which has no orchestrator, tries on its next tick)."""
 
 
 def error_code(exc: HttpResponseError) -> str:
@@ -117,9 +118,8 @@ def wait_until(
             raise BackendError(f"{what} ended {state}" + (f": {error}" if error else ""))
         if time.monotonic() >= deadline:
             raise ProvisioningPending(
-                f"{what} is still {state} after {budget_s:.0f} s (AZURE_SETUP_WAIT_SECONDS); the step will "
-                "be "
-                "retried and picks it up where it is"
+                f"{what} is still {state} after {budget_s:.0f} s (AZURE_SETUP_WAIT_SECONDS); checked again "
+                "after a durable timer"
             )
         log.info("waiting for %s (%s)", what, state)
         time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
