@@ -28,6 +28,9 @@ def app_environment(fake: FakeAzure, state_dir: Path, location: str = "eastus") 
         "AZURE_HTTP_TIMEOUT_SECONDS": "3",
         "AZURE_SETUP_WAIT_SECONDS": "30",
         "HF_HUB_OFFLINE": "1",
+        # The cleanup timer's default (every :00 and :30) would fire in the middle of a run now and
+        # then, adding its list calls to the transcript; the cleanup tests set their own schedule.
+        "CLEANUP_SCHEDULE": "0 0 0 1 1 *",
     }
 
 
