@@ -120,16 +120,19 @@ def models_in_use(backend: MLBackend) -> set[str]:
 
 
 def delete_unused_models(backend: MLBackend, served: list[str], decision: CleanupDecision) -> None:
-    """Delete the managed model versions ``served`` by a deleted endpoint that nothing serves any more."""
+    """Delete the managed model versions ``served`` by a deleted endpoint that nothing serves any more.
+
+    A version another deployment names the same way is kept here; one it names otherwise (another
+    spelling of the reference) is refused by the backend's delete, as Azure refuses a model in use.
+    """
     candidates = {
         f"{m.name}:{m.version}": m for ref in served if (m := backend.managed_model(ref)) is not None
     }
     if not candidates:
         return
-    in_use = {m.name + ":" + m.version for ref in models_in_use(backend) if (m := backend.managed_model(ref))}
-    for model in candidates.values():
-        label = f"{model.name}:{model.version}"
-        if label in in_use:
+    in_use = models_in_use(backend)
+    for label, model in candidates.items():
+        if model.uri in in_use:
             decision.models_kept.append(f"{label} (another deployment serves it)")
             log.info("cleanup keep model=%s: another deployment serves it", label)
             continue

@@ -352,11 +352,17 @@ class AzureBackend:
         deploy.delete_endpoint(self._clients(), name, self.wait_s)
 
     # integrate ---------------------------------------------------------------------------------
-    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
-        clients = self._clients(cfg)
+    @staticmethod
+    def _upsert_connection(clients: AzureClients, into: AzureClients, name: str, endpoint: str) -> str:
+        """The endpoint's scoring URI and key (read now, from ``clients``' workspace) into connection
+        ``name`` of ``into``'s workspace or project."""
         ep = deploy.get_endpoint(clients, endpoint)
         key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
-        outcome = connections.upsert_custom_connection(clients, name, ep.scoring_uri or "", key)
+        return connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key)
+
+    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
+        clients = self._clients(cfg)
+        outcome = self._upsert_connection(clients, clients, name, endpoint)
         return SetupResult(
             summary=f"workspace connection {name} {outcome} -> endpoint {endpoint}",
             details={"connection": {"name": name, "endpoint": endpoint, "store": "workspace"}},
@@ -375,9 +381,7 @@ class AzureBackend:
         project, created = publish.ensure_project(clients, place, self._location(cfg), self.wait_s)
         in_project = self.session.clients(replace(clients.target, workspace=project.name))
         if project.name != clients.target.workspace:  # else the promptflow_connection step made it there
-            ep = deploy.get_endpoint(clients, endpoint)
-            key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
-            connections.upsert_custom_connection(in_project, connection, ep.scoring_uri or "", key)
+            self._upsert_connection(clients, in_project, connection, endpoint)
             created.append(ResourceRef(kind="connection", name=connection, parent=project.name))
         staged = publish.stage_flow(
             resolve_project_path(cfg.promptflow.flow),

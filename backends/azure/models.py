@@ -20,10 +20,8 @@ from backends.protocol import BackendError, RegisteredModel
 
 from .clients import AzureClients
 from .errors import azure_errors, describe
+from .setup import MANAGED_BY_TAG
 
-MANAGED_BY = (
-    "phi3-finetune-functions"  # activities.steps.MANAGED_BY (not imported: backends stay below activities)
-)
 _VERSIONED = re.compile(r"/models/(?P<name>[^/]+)/versions/(?P<version>[^/]+)/?$", re.IGNORECASE)
 _SHORT = re.compile(r"^azureml:(?P<name>[^:/]+):(?P<version>[^:/]+)$")
 
@@ -46,7 +44,7 @@ def managed_model(clients: AzureClients, ref: str | None) -> RegisteredModel | N
             model = clients.ml.models.get(name, version=version)
         except ResourceNotFoundError:
             return None
-    if (model.tags or {}).get("managed-by") != MANAGED_BY:
+    if (model.tags or {}).get("managed-by") != MANAGED_BY_TAG["managed-by"]:
         return None
     return RegisteredModel(name=name, version=version, uri=ref or "")
 

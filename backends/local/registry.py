@@ -79,9 +79,10 @@ class LocalRegistry:
         if not found:
             return None
         name, version = found.groups()
+        client = self.client()
         try:
-            container = self.client().get_registered_model(name)
-            self.client().get_model_version(name, version)
+            container = client.get_registered_model(name)
+            client.get_model_version(name, version)
         except MlflowException:
             return None
         if container.tags.get("managed-by") != MANAGED_BY_TAG["managed-by"]:
