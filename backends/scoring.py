@@ -353,29 +353,38 @@ class ScoringClient:
         client_timeout = aiohttp.ClientTimeout(
             total=timeout or self.timeout_s, sock_connect=self.connect_timeout_s
         )
+        payload = json.dumps(body).encode()
+        try:
+            return await self._post_once(scoring_uri, key, payload, headers, client_timeout, parse)
+        except ScoringUnavailableError as error:
+            if not error.retryable or self.retry.attempts <= 1:
+                raise
+        # The first try found no server (or a 503): back off and retry. Tenacity is set up only here,
+        # so a request answered at once pays nothing for it. Waits: initial, 2x, 4x ... up to max.
+        await asyncio.sleep(min(self.retry.initial_wait_s, self.retry.max_wait_s))
         retrying = AsyncRetrying(
-            stop=stop_after_attempt(max(1, self.retry.attempts)),
-            wait=wait_exponential(multiplier=self.retry.initial_wait_s, max=self.retry.max_wait_s),
+            stop=stop_after_attempt(self.retry.attempts - 1),
+            wait=wait_exponential(multiplier=2 * self.retry.initial_wait_s, max=self.retry.max_wait_s),
             retry=retry_if_exception(_is_retryable),
             reraise=True,
         )
         async for attempt in retrying:
             with attempt:
-                return await self._post_once(scoring_uri, key, body, headers, client_timeout, parse)
+                return await self._post_once(scoring_uri, key, payload, headers, client_timeout, parse)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _post_once(
         self,
         scoring_uri: str,
         key: str,
-        body: dict[str, Any],
+        body: bytes,
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
         parse: Callable[[bytes], str] = parse_scoring_response,
     ) -> str:
         target = _describe_target(scoring_uri)
         try:
-            async with self._session().post(scoring_uri, json=body, headers=headers, timeout=timeout) as resp:
+            async with self._session().post(scoring_uri, data=body, headers=headers, timeout=timeout) as resp:
                 payload = await resp.read()
                 if resp.status != 200:
                     raise _error_for_status(resp.status, payload, resp.headers, target=target, key=key)

@@ -83,7 +83,7 @@ def serve_devhost(stub_url: str, state: Path, port_file: Path) -> None:
 
     from backends.factory import set_backend
     from backends.protocol import EndpointKeys, EndpointState
-    from devhost.server import DevHost
+    from devhost.server import DevHost, freeze_startup_heap
 
     class StubEndpointBackend:
         """The endpoint listing half of the backend, answering with the stub endpoint."""
@@ -108,13 +108,14 @@ def serve_devhost(stub_url: str, state: Path, port_file: Path) -> None:
     logging.basicConfig(level=logging.WARNING)
     set_backend(StubEndpointBackend())  # type: ignore[arg-type]
 
-    async def run() -> None:
+    async def serve() -> None:
         host = DevHost(PROJECT_ROOT, port=0, state_dir=state)
         await host.start()
+        freeze_startup_heap()  # as python -m devhost does
         port_file.write_text(str(host.port))
         await asyncio.Event().wait()
 
-    asyncio.run(run())
+    asyncio.run(serve())
 
 
 def _start(args: list[str], port_file: Path, env: dict[str, str]) -> tuple[subprocess.Popen, int]:

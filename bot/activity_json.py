@@ -15,6 +15,7 @@ error) sends the whole activity through msrest, whose output and errors are then
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 from botbuilder.schema import Activity
@@ -31,7 +32,8 @@ _deserializer = Deserializer(_SCHEMA)
 
 # class -> ((attribute, JSON key, msrest type, attribute description), ...), None: not plain
 _plans: dict[type, tuple[tuple[str, str, str, dict], ...] | None] = {}
-_known_keys: dict[type, frozenset[str]] = {}
+# class -> {JSON key: (attribute, msrest type)}, for the keys the schema knows
+_fields: dict[type, dict[str, tuple[str, str]]] = {}
 
 
 class _NotPlain(Exception):
@@ -53,14 +55,21 @@ def _plan(cls: type) -> tuple[tuple[str, str, str, dict], ...]:
                 plain = False
                 break
             entries.append((attr, key, desc["type"], desc))
-        keys = frozenset(entry[1] for entry in entries)
-        plain = plain and len(keys) == len(entries)
+        fields = {key: (attr, type_) for attr, key, type_, _ in entries}
+        # Reading sets only the attributes present in the JSON; msrest passes None for the others,
+        # which is the same only where every constructor default is None.
+        plain = plain and len(fields) == len(entries) and _defaults_are_none(cls)
         _plans[cls] = tuple(entries) if plain else None
-        _known_keys[cls] = keys
+        _fields[cls] = fields
     plan = _plans[cls]
     if plan is None:
         raise _NotPlain(cls.__name__)
     return plan
+
+
+def _defaults_are_none(cls: type) -> bool:
+    parameters = list(inspect.signature(cls.__init__).parameters.values())[1:]
+    return all(p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL) or p.default is None for p in parameters)
 
 
 # -- JSON -> models -----------------------------------------------------------------------------
@@ -75,10 +84,17 @@ def activity_from_json(data: dict[str, Any]) -> Activity:
 def _model_from_json(cls: type, data: Any) -> Any:
     if type(data) is not dict:
         raise _NotPlain(cls.__name__)
-    attrs = {attr: _from_json(data.get(key), type_) for attr, key, type_, _ in _plan(cls)}
+    _plan(cls)
+    fields = _fields[cls]
+    attrs: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, raw in data.items():  # only what the message holds, not all ~45 attributes
+        field = fields.get(key)
+        if field is None:
+            extra[key] = raw
+        else:
+            attrs[field[0]] = _from_json(raw, field[1])
     model = cls(**attrs)
-    known = _known_keys[cls]
-    extra = {key: value for key, value in data.items() if key not in known}
     if extra:  # msrest keeps keys the schema does not know (Teams' mention "text", ...)
         model.additional_properties = extra
     return model

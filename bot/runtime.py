@@ -16,7 +16,7 @@ from backends.scoring import ScoringClient
 from bot.adapter import MessagesEndpoint, create_adapter, turn_error_handler
 from bot.answers import ChatService
 from bot.commands import Commands
-from bot.conversation import ConversationMemories, HistoryBound
+from bot.conversation import AppConversationState, ConversationMemories, HistoryBound
 from bot.dedupe import ActivityLedger
 from bot.endpoints import EndpointDirectory
 from bot.phi3_bot import BotOptions, Phi3Bot
@@ -92,7 +92,7 @@ def create_runtime(
     credentials_factory: ServiceClientCredentialsFactory | None = None,
 ) -> BotRuntime:
     store = store or create_store(settings)
-    conversation_state = ConversationState(store)
+    conversation_state = AppConversationState(store)
     memories = ConversationMemories(conversation_state)
     bound = HistoryBound(settings.bot_history_turns, settings.bot_history_chars)
     directory = EndpointDirectory(backend, endpoint_name=settings.bot_endpoint_name)

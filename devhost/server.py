@@ -7,6 +7,7 @@ call the host's management API from inside a request the host is serving.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import logging
 import os
@@ -208,11 +209,24 @@ def _activity_input(name: str, value) -> object:
     return ActivityTriggerConverter.decode(meta.Datum(type="json", value=value), trigger_metadata=None)
 
 
+def freeze_startup_heap() -> None:
+    """Keep what start-up built out of the garbage collector's scans.
+
+    Loading the app imports azure-ai-ml, botbuilder, promptflow and the rest: a few hundred thousand
+    long-lived objects that every full collection would walk again (~60 ms each, several times a
+    minute under chat load). ``gc.freeze`` moves them to the permanent generation; objects made
+    afterwards are collected as usual.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 async def serve(
     root: Path, port: int, state_dir: Path | None, plugins: list[RoutePlugin] | None = None
 ) -> None:
     host = DevHost(root, port=port, state_dir=state_dir, plugins=plugins)
     await host.start()
+    freeze_startup_heap()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     import signal

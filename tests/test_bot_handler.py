@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections import Counter
 
 import pytest
 from botbuilder.core import TurnContext
@@ -348,3 +349,45 @@ async def test_seen_activity_ids_are_forgotten_once_stale():
     assert not await store.claim("test/activities/c/1", {}, stale_after_s=60)
     assert await store.claim("test/activities/c/2", {}, stale_after_s=0)  # drops every stale claim
     assert list(store.claims) == ["test/activities/c/2"]
+
+
+class CountingStore(MemoryStore):
+    """MemoryStore that counts writes per key."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: Counter[str] = Counter()
+
+    async def write(self, changes) -> None:
+        self.writes.update(changes.keys())
+        await super().write(changes)
+
+
+async def test_conversation_state_is_written_only_when_a_turn_changes_it(backend, model):
+    store = CountingStore()
+    runtime = create_runtime(settings(), backend=lambda: backend, store=store)
+    bot = Harness(runtime)
+    key = "test/conversations/Convo1"
+    try:
+        await bot.ask("first question")  # a new turn in the history
+        assert store.writes[key] == 1
+        await bot.ask("/help")  # reads the history, changes nothing
+        assert store.writes[key] == 1
+        await bot.ask("/route flow")  # this conversation's route
+        assert store.writes[key] == 2
+        assert store.memory[key]["chat"]["route"] == "flow"
+    finally:
+        await runtime.close()
+
+
+def test_state_that_is_not_plain_json_is_still_checked_for_changes():
+    from bot.conversation import _JsonCachedState
+
+    plain = _JsonCachedState({"chat": {"turns": [], "route": None}})
+    assert not plain.is_changed
+    plain.state["chat"]["route"] = "direct"
+    assert plain.is_changed
+    odd = _JsonCachedState({"tags": {"a"}})  # a set: botbuilder's own fingerprint takes over
+    assert not odd.is_changed
+    odd.state["tags"].add("b")
+    assert odd.is_changed

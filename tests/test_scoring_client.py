@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +41,7 @@ FAST_RETRY = RetryPolicy(attempts=3, initial_wait_s=0.01, max_wait_s=0.02)
 class Stub:
     url: str
     hits: Counter[str] = field(default_factory=Counter)
+    hit_times: dict[str, list[float]] = field(default_factory=dict)
     last_request: dict[str, Any] = field(default_factory=dict)
     never: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -53,6 +56,7 @@ def _stub_app(stub: Stub) -> web.Application:
     async def handle(request: web.Request) -> web.Response:
         case = request.match_info["case"]
         stub.hits[case] += 1
+        stub.hit_times.setdefault(case, []).append(time.monotonic())
         stub.last_request = {"headers": dict(request.headers), "body": await request.json()}
         responses = {
             "ok": lambda: web.json_response({"output": "Hi there."}),
@@ -218,6 +222,18 @@ async def test_a_503_past_the_budget_is_unavailable(stub):
         with pytest.raises(ScoringUnavailableError) as raised:
             await client.chat(stub.uri("503"), KEY, MESSAGES)
     assert (raised.value.status, stub.hits["503"]) == (503, 2)
+
+
+async def test_retries_back_off_exponentially_from_the_first_failure(stub):
+    policy = RetryPolicy(attempts=4, initial_wait_s=0.05, max_wait_s=0.15)
+    async with ScoringClient(retry=policy) as client:
+        with pytest.raises(ScoringUnavailableError):
+            await client.chat(stub.uri("503"), KEY, MESSAGES)
+    times = stub.hit_times["503"]
+    gaps = [later - earlier for earlier, later in itertools.pairwise(times)]
+    assert len(times) == 4  # the first try and three retries, no more
+    # initial, twice that, then capped at max: never sooner than the policy says
+    assert [gap >= wait for gap, wait in zip(gaps, (0.05, 0.1, 0.15), strict=True)] == [True] * 3
 
 
 async def test_a_model_error_is_not_retried(stub, client):
