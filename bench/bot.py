@@ -312,6 +312,9 @@ def main() -> None:
             "BOT_ENDPOINT_NAME": "",
             "BOT_HISTORY_TURNS": "0",
             "MicrosoftAppId": "",
+            # The endpoint-cleanup timer (every :00 and :30) would ask the stub backend for
+            # deployments it does not have, and take CPU from the turns it lands among.
+            "CLEANUP_SCHEDULE": "0 0 0 1 1 *",
         }
         stub_args = ["--serve-stub", str(work_dir / "stub.port"), "--model-ms", str(args.model_ms)]
         stub, stub_port = _start(stub_args, work_dir / "stub.port", env)
