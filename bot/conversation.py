@@ -71,8 +71,8 @@ class _JsonCachedState(CachedBotState):
 
     ``BotState`` compares a fingerprint taken at load with one taken at save to decide whether to
     write; botbuilder takes both with jsonpickle, ~40 µs each, two or three times a turn. Any
-    fingerprint that is equal exactly when the state is equal will do; state that is not plain
-    JSON keeps botbuilder's.
+    fingerprint that differs whenever the state differs will do (the same state with its keys in
+    another order only costs one unneeded write); state that is not plain JSON keeps botbuilder's.
     """
 
     def compute_hash(self, obj: Any) -> str:

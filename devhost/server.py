@@ -212,9 +212,9 @@ def _activity_input(name: str, value) -> object:
 def freeze_startup_heap() -> None:
     """Keep what start-up built out of the garbage collector's scans.
 
-    Loading the app imports azure-ai-ml, botbuilder, promptflow and the rest: a few hundred thousand
-    long-lived objects that every full collection would walk again (~60 ms each, several times a
-    minute under chat load). ``gc.freeze`` moves them to the permanent generation; objects made
+    Loading the app imports azure-ai-ml, botbuilder, promptflow and the rest: about a hundred thousand
+    long-lived container objects that every full collection would walk again (~60 ms each, several
+    times a minute under chat load). ``gc.freeze`` moves them to the permanent generation; objects made
     afterwards are collected as usual.
     """
     gc.collect()
