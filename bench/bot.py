@@ -16,6 +16,13 @@ N / model time turns/s of any path; such a row says n/a). With an instant stub t
 relay cost over one loopback round trip, and can never reach 1.2x: a relayed turn makes that same
 round trip plus one more (load generator -> devhost). ``--model-ms 50`` lets the stub take as long as
 a small model does, which is the ratio a user feels.
+
+Concurrency means N conversations in flight all the time, so each conversation makes at least
+``--conversation-turns`` turns (default 40) in a round and the p50 is over all of them. The N
+conversations of a round start in the same instant; their first turns queue behind each other on one
+worker, and with a constant answer time the conversations stay bunched for a few turns before they
+spread out. Those first turns are a burst, not the steady load: they are in the p50 like any other,
+and are also reported on their own (``burst``: the first turn of every conversation, relay vs direct).
 """
 
 from __future__ import annotations
@@ -162,47 +169,67 @@ class Load:
             replies = (await r.json())["activities"]
             assert replies[-1]["text"] == f"echo: {QUESTION}", replies
 
-    async def round(self, way, concurrency: int, turns: int) -> tuple[list[float], float]:
-        """``turns`` turns by ``concurrency`` conversations at once: (latencies, wall seconds)."""
+    async def round(
+        self, way, concurrency: int, turns: int, conversation_turns: int
+    ) -> tuple[list[float], list[float], float]:
+        """At least ``turns`` turns by ``concurrency`` conversations at once, each conversation making
+        at least ``conversation_turns``: (every turn's latency, the latencies by turn number within
+        the conversations — ``[0]`` is the start-up burst —, wall seconds).
+        """
         latencies: list[float] = []
-        # At least a few turns per conversation: a single burst measures its slowest request, not a rate.
-        per_worker = max(5, turns // concurrency)
+        per_conversation = max(conversation_turns, -(-turns // concurrency))
+        by_turn: list[list[float]] = [[] for _ in range(per_conversation)]
 
-        async def worker(n: int) -> None:
-            conversation = f"bench-{n}-{uuid.uuid4().hex[:6]}"
-            for _ in range(per_worker):
+        async def conversation(n: int) -> None:
+            conversation_id = f"bench-{n}-{uuid.uuid4().hex[:6]}"
+            for turn in range(per_conversation):
                 started = time.perf_counter()
-                await way(conversation)
+                await way(conversation_id)
                 latencies.append(time.perf_counter() - started)
+                by_turn[turn].append(latencies[-1])
 
         started = time.perf_counter()
-        await asyncio.gather(*(worker(n) for n in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        await asyncio.gather(*(conversation(n) for n in range(concurrency)))
+        return latencies, by_turn, time.perf_counter() - started
 
 
 async def measure(
-    stub: str, host: str, concurrencies: list[int], turns: int, rounds: int, pids: dict[str, int]
+    stub: str,
+    host: str,
+    concurrencies: list[int],
+    turns: int,
+    rounds: int,
+    conversation_turns: int,
+    pids: dict[str, int],
 ) -> list[dict]:
-    """Rows of p50/p99/turns/s per way, and CPU ms per turn: ``cpu_ms`` for the three processes
-    together (the 2 cores' real cost of a turn), ``devhost_cpu_ms`` for the devhost alone."""
+    """Rows of p50/p99/turns/s per way, the p50 of the conversations' first turns (``burst_p50_ms``)
+    and of each turn number (``by_turn_p50_ms``), and CPU ms per turn: ``cpu_ms`` for the three
+    processes together (the 2 cores' real cost of a turn), ``devhost_cpu_ms`` for the devhost alone."""
     rows = []
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         load = Load(session, stub, host)
-        await load.round(load.relay, 4, 40)  # warm-up: imports, first endpoint lookup, connections
-        await load.round(load.direct, 4, 40)
+        # warm-up: imports, first endpoint lookup, connections
+        await load.round(load.relay, 4, 40, conversation_turns=10)
+        await load.round(load.direct, 4, 40, conversation_turns=10)
         for concurrency in concurrencies:
             results: dict[str, dict] = {
-                name: {"latencies": [], "wall": 0.0, "cpu": dict.fromkeys(pids, 0.0)}
+                name: {"latencies": [], "by_turn": [], "wall": 0.0, "cpu": dict.fromkeys(pids, 0.0)}
                 for name in ("direct", "relay")
             }
             for _ in range(rounds):
                 for name, way in (("direct", load.direct), ("relay", load.relay)):
                     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-                    latencies, wall = await load.round(way, concurrency, turns // rounds)
+                    latencies, by_turn, wall = await load.round(
+                        way, concurrency, turns // rounds, conversation_turns
+                    )
                     after = {who: cpu_seconds(pid) for who, pid in pids.items()}
                     result = results[name]
                     result["latencies"] += latencies
+                    if not result["by_turn"]:
+                        result["by_turn"] = [[] for _ in by_turn]
+                    for merged, new in zip(result["by_turn"], by_turn, strict=True):
+                        merged += new
                     result["wall"] += wall
                     for who in pids:
                         if before[who] is not None and after[who] is not None:
@@ -213,6 +240,8 @@ async def measure(
                 row[name] = {
                     "p50_ms": percentile(latencies, 0.5) * 1000,
                     "p99_ms": percentile(latencies, 0.99) * 1000,
+                    "burst_p50_ms": percentile(result["by_turn"][0], 0.5) * 1000,
+                    "by_turn_p50_ms": [percentile(t, 0.5) * 1000 for t in result["by_turn"]],
                     "turns_per_s": count / result["wall"],
                     "turns": count,
                     "cpu_ms": sum(result["cpu"].values()) * 1000 / count,
@@ -237,7 +266,7 @@ def print_table(rows: list[dict]) -> None:
     print(
         f"{'conversations':>13} | {'direct p50':>10} {'p99':>8} {'turns/s':>8} {'CPU/turn':>8} | "
         f"{'relay p50':>10} {'p99':>8} {'turns/s':>8} {'CPU/turn':>8} {'(devhost)':>9} | "
-        f"{'p50 ratio':>9} | goals: p50, turns/s"
+        f"{'p50 ratio':>9} | {'burst p50 direct/relay':>22} | goals: p50, turns/s"
     )
     for row in rows:
         d, r = row["direct"], row["relay"]
@@ -248,11 +277,30 @@ def print_table(rows: list[dict]) -> None:
         goals = verdicts(row)
         print(
             f"{row['concurrency']:>13} | {cells[0]} | {cells[1]} {r['devhost_cpu_ms']:>7.2f}ms | "
-            f"{r['p50_ms'] / d['p50_ms']:>8.2f}x | {goals['p50']}, {goals['rate']}"
+            f"{r['p50_ms'] / d['p50_ms']:>8.2f}x | "
+            f"{d['burst_p50_ms']:>6.1f} / {r['burst_p50_ms']:>5.1f}ms "
+            f"{r['burst_p50_ms'] / d['burst_p50_ms']:>5.2f}x | "
+            f"{goals['p50']}, {goals['rate']}"
         )
     overhead = rows[0]["relay"]["p50_ms"] - rows[0]["direct"]["p50_ms"]
     print(f"relay overhead per turn at {rows[0]['concurrency']} conversation(s), p50: {overhead:.2f} ms")
     print("CPU/turn: load generator + stub + devhost together; (devhost): the devhost alone")
+    print("burst: each conversation's first turn, all of a round's conversations starting at once")
+
+
+def print_by_turn(row: dict, first: int = 12) -> None:
+    """How the start-up burst fades: p50 by turn number within the conversations, relay vs direct."""
+    direct, relay = row["direct"]["by_turn_p50_ms"], row["relay"]["by_turn_p50_ms"]
+    shown = min(first, len(direct))
+    print(f"p50 by turn number at {row['concurrency']} conversation(s), relay / direct:")
+    print("  " + " ".join(f"{n + 1:>5}" for n in range(shown)) + "   rest")
+    rest_d, rest_r = sum(direct[shown:]), sum(relay[shown:])
+    ratios = [r / d for d, r in zip(direct[:shown], relay[:shown], strict=True)]
+    print(
+        "  "
+        + " ".join(f"{q:>4.2f}x" for q in ratios)
+        + (f"  {rest_r / rest_d:>4.2f}x (mean of turns {shown + 1}-{len(direct)})" if rest_d else "")
+    )
 
 
 def print_goals(rows: list[dict]) -> None:
@@ -283,6 +331,12 @@ def main() -> None:
         "--rounds", type=int, default=4, help="alternating rounds per concurrency (default 4)"
     )
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 64])
+    parser.add_argument(
+        "--conversation-turns",
+        type=int,
+        default=40,
+        help="turns each conversation makes per round, at least (default 40)",
+    )
     parser.add_argument(
         "--model-ms",
         type=float,
@@ -329,6 +383,7 @@ def main() -> None:
                     args.concurrency,
                     args.turns,
                     args.rounds,
+                    args.conversation_turns,
                     {"load": os.getpid(), "stub": stub.pid, "devhost": host.pid},
                 )
             )
@@ -336,8 +391,12 @@ def main() -> None:
             for proc in (host, stub):
                 proc.terminate()
                 proc.wait(10)
-    print(f"stub endpoint answer time: {args.model_ms:g} ms")
+    print(
+        f"stub endpoint answer time: {args.model_ms:g} ms; "
+        f"each conversation makes at least {args.conversation_turns} turns a round"
+    )
     print_table(rows)
+    print_by_turn(rows[-1])
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     print_goals(rows)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+
 from bench.bot import print_goals, verdicts
 
 
@@ -38,3 +41,26 @@ def test_every_row_within_the_goals_is_met(capsys):
     print_goals([row(n, direct_p50=50, relay_p50=59, direct_rate=1000, relay_rate=900) for n in (1, 8, 64)])
     out = capsys.readouterr().out
     assert "at every concurrency: met" in out and "turns/s through the relay: met (best 900)" in out
+
+
+async def test_a_round_keeps_every_conversation_going_and_keeps_latencies_by_turn_number():
+    """Concurrency is sustained: each conversation makes at least ``conversation_turns`` turns (or its
+    share of ``turns``), and latencies are also kept by turn number (``[0]``: the start-up burst)."""
+    from bench.bot import Load
+
+    calls: dict[str, int] = {}
+
+    async def way(conversation: str) -> None:
+        calls[conversation] = calls.get(conversation, 0) + 1
+        await asyncio.sleep(0)
+
+    load = Load(None, "stub", "host")  # type: ignore[arg-type]
+    latencies, by_turn, wall = await load.round(way, 3, turns=10, conversation_turns=5)
+    assert sorted(calls.values()) == [5, 5, 5] and len(latencies) == 15 and wall > 0
+    assert [len(turn) for turn in by_turn] == [3] * 5
+    assert sorted(itertools.chain(*by_turn)) == sorted(latencies)
+
+    calls.clear()
+    latencies, by_turn, _ = await load.round(way, 3, turns=20, conversation_turns=5)
+    assert sorted(calls.values()) == [7, 7, 7]  # ceil(20 / 3): at least the round's turns in all
+    assert len(latencies) == 21 and [len(turn) for turn in by_turn] == [3] * 7
