@@ -90,6 +90,8 @@ def _follow_run(
     api: str, run_id: str, host: ManagedDevhost, args: argparse.Namespace, console: Console
 ) -> int:
     """Progress, summary, loss curve, then the chat; returns the exit code."""
+    from devhost.webchat import WEBCHAT_BUNDLE
+
     from .chat import chat_loop, piped_questions
     from .progress import print_summary, save_loss_curve, watch_run
 
@@ -101,7 +103,13 @@ def _follow_run(
     if summary["status"] != "Completed":
         return 1
     endpoint = (summary.get("endpoint") or {}).get("name")
-    console.print(f"\nchat in the browser (Bot Framework Web Chat via the bot): [bold]{host.url}/chat[/]")
+    if WEBCHAT_BUNDLE.is_file():
+        console.print(f"\nchat in the browser (Bot Framework Web Chat via the bot): [bold]{host.url}/chat[/]")
+    else:
+        console.print(
+            f"\nthe browser chat at {host.url}/chat needs the Web Chat bundle: "
+            "install Node.js and run `make webchat`"
+        )
     if not endpoint or args.no_chat:
         return 0
     if sys.stdin.isatty():

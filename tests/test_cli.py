@@ -17,6 +17,7 @@ import pytest
 import requests
 
 from backends.local.backend import LocalBackend
+from devhost.webchat import WEBCHAT_BUNDLE
 from settings import AppSettings
 from tests.support.devhost import PROJECT_ROOT
 
@@ -230,6 +231,9 @@ def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leav
     assert answer_line.removeprefix("model> ").strip(), "the model answered nothing"
     assert f"you> {question}" in cli.output
     assert "run cli-chat: Completed" in cli.output
+    # The browser page is offered only where its bundle is installed; otherwise the CLI says how.
+    browser = "chat in the browser" if WEBCHAT_BUNDLE.is_file() else "needs the Web Chat bundle"
+    assert browser in cli.output, cli.output[-3000:]
     cli.wait_for("the prompt to stop", lambda: "press Ctrl-C to stop" in cli.output, timeout=30)
     pids = cli.pids()
     cli.ctrl_c()
