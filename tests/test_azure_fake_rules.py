@@ -158,3 +158,17 @@ def test_only_tokens_the_fake_authority_issued_open_arm(fake_azure: FakeAzure, a
         f"{fake_azure.url}/{fake_azure.app.tenant_id}/oauth2/v2.0/token", data=form, verify=ca, timeout=10
     )
     assert token.status_code == 401 and token.json()["error"] == "invalid_client"
+
+
+@pytest.mark.parametrize("suffix", ["7", "1728", "10000000"])
+def test_transcripts_name_azure_ai_mls_random_arm_deployment_suffix_whatever_its_length(suffix):
+    """azure-ai-ml names a workspace's ARM deployment ``<name>-<randint(1, 10_000_000)>``; a short draw
+    must not change the transcript (it once did, about one run in a thousand). Our own online
+    deployments keep their names."""
+    from tests.fake_arm.transcript import Placeholders
+
+    arm = f"PUT /subscriptions/s/providers/Microsoft.Resources/deployments/my-ws-hub-{suffix}  → 201"
+    online = "GET /onlineEndpoints/e/deployments/blue-2  → 200"
+    names = Placeholders({"my-ws": "{ws}"})
+    assert names(arm) == "PUT /subscriptions/s/providers/Microsoft.Resources/deployments/{ws}-hub-{n}  → 201"
+    assert names(online) == online

@@ -146,8 +146,8 @@ class Placeholders:
             r"-\d\d-\d\d-\d{4}-\d\d-\d\d-\d\d(?=[\s/\"])", "-{stamp}", text
         )  # pfazure's flow folder
         text = re.sub(
-            r"(/deployments/[^/\s]+?)-\d{5,}(?=[\s/])", r"\1-{n}", text
-        )  # azure-ai-ml's random suffix
+            r"(/Microsoft\.Resources/deployments/[^/\s]+?)-\d+(?=[\s/])", r"\1-{n}", text
+        )  # azure-ai-ml's random ARM deployment suffix: randint(1, 10_000_000), so 1 to 8 digits
 
         def guid(m: re.Match) -> str:
             return self.guids.setdefault(m.group(0).lower(), f"{{guid{len(self.guids) + 1}}}")
