@@ -10,37 +10,18 @@ import json
 import sqlite3
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 
 from devhost.durable.history import EventType
-from tests.support.devhost import PROJECT_ROOT, DevhostProcess
-
-APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
-
-
-def records(log: Path, kind: str) -> list[dict]:
-    if not log.exists():
-        return []
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
+from tests.support.devhost import DevhostProcess, DurableAppHost
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("durable")
-    proc = DevhostProcess(
-        APP,
-        tmp / "state",
-        env={
-            "DEVHOST_TEST_LOG": str(tmp / "activities.log"),
-            "DEVHOST_TEST_COUNTERS": str(tmp / "counters"),
-            "TEST_TIMER_SCHEDULE": "*/2 * * * * *",
-        },
-    )
+    proc = DurableAppHost(tmp_path_factory.mktemp("durable"), timer_schedule="*/2 * * * * *")
     proc.start()
-    proc.activity_log = tmp / "activities.log"
     yield proc
     proc.stop()
 
@@ -86,7 +67,7 @@ def test_retry_succeeds_after_transient_failures(host):
     key = uuid.uuid4().hex
     iid = host.start_orchestration("retrying", {"key": key, "failures": 2, "attempts": 4})
     assert host.wait(iid)["output"] == {"ok": True, "result": "ok after 3"}
-    attempts = [r["attempt"] for r in records(host.activity_log, "flaky") if r["key"] == key]
+    attempts = [r["attempt"] for r in host.records("flaky") if r["key"] == key]
     assert attempts == [1, 2, 3]
 
 
@@ -96,11 +77,11 @@ def test_exhausted_retries_surface_as_a_catchable_exception(host):
     out = host.wait(iid)["output"]
     assert out["ok"] is False
     assert "Activity function 'flaky' failed: ConnectionError: transient failure 3" in out["error"]
-    assert len([r for r in records(host.activity_log, "flaky") if r["key"] == key]) == 3
+    assert len([r for r in host.records("flaky") if r["key"] == key]) == 3
 
 
 def attempts_of(host: DevhostProcess, key: str) -> list[int]:
-    return [r["attempt"] for r in records(host.activity_log, "flaky") if r["key"] == key]
+    return [r["attempt"] for r in host.records("flaky") if r["key"] == key]
 
 
 def scheduled_ids(host: DevhostProcess, iid: str) -> dict[str, list[int]]:
@@ -372,9 +353,9 @@ def test_http_trigger_routes_params_methods_and_errors(host):
 
 def test_timer_trigger_fires_on_its_ncrontab_cadence(host):
     deadline = time.monotonic() + 30
-    while len(records(host.activity_log, "tick")) < 3 and time.monotonic() < deadline:
+    while len(host.records("tick")) < 3 and time.monotonic() < deadline:
         time.sleep(0.2)
-    ticks = [r["t"] for r in records(host.activity_log, "tick")]
+    ticks = [r["t"] for r in host.records("tick")]
     assert len(ticks) >= 3
     # "*/2 * * * * *" fires on even seconds: never twice within the same 2-second slot.
     slots = [int(t) // 2 for t in ticks]
@@ -383,13 +364,13 @@ def test_timer_trigger_fires_on_its_ncrontab_cadence(host):
 
 
 def test_admin_endpoint_runs_a_timer_function_by_hand(host):
-    before = len(records(host.activity_log, "tick"))
+    before = len(host.records("tick"))
     r = requests.post(f"{host.url}/admin/functions/ticker", json={"input": ""}, timeout=10)
     assert r.status_code == 202
     deadline = time.monotonic() + 10
-    while len(records(host.activity_log, "tick")) <= before and time.monotonic() < deadline:
+    while len(host.records("tick")) <= before and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert len(records(host.activity_log, "tick")) > before
+    assert len(host.records("tick")) > before
 
 
 def test_malformed_management_requests_get_a_clear_400(host):

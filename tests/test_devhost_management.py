@@ -15,23 +15,12 @@ from datetime import datetime, timezone
 import pytest
 import requests
 
-from tests.support.devhost import PROJECT_ROOT, DevhostProcess
-
-APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
+from tests.support.devhost import DevhostProcess, DurableAppHost
 
 
 @pytest.fixture(scope="module")
 def host(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("management")
-    proc = DevhostProcess(
-        APP,
-        tmp / "state",
-        env={
-            "DEVHOST_TEST_LOG": str(tmp / "activities.log"),
-            "DEVHOST_TEST_COUNTERS": str(tmp / "counters"),
-            "TEST_TIMER_SCHEDULE": "0 0 0 1 1 *",  # keep the app's timer quiet
-        },
-    )
+    proc = DurableAppHost(tmp_path_factory.mktemp("management"))
     proc.start()
     yield proc
     proc.stop()

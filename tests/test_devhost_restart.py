@@ -8,32 +8,15 @@ from collections import Counter
 
 import pytest
 
-from tests.support.devhost import PROJECT_ROOT, DevhostProcess
-
-APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
+from tests.support.devhost import DurableAppHost
 
 
 @pytest.fixture
 def host(tmp_path):
-    proc = DevhostProcess(
-        APP,
-        tmp_path / "state",
-        env={
-            "DEVHOST_TEST_LOG": str(tmp_path / "activities.log"),
-            "DEVHOST_TEST_COUNTERS": str(tmp_path / "counters"),
-            "TEST_TIMER_SCHEDULE": "0 0 0 1 1 *",
-        },
-    )
+    proc = DurableAppHost(tmp_path)
     proc.start()
-    proc.activity_log = tmp_path / "activities.log"
     yield proc
     proc.stop()
-
-
-def records(host, kind):
-    if not host.activity_log.exists():
-        return []
-    return [r for r in map(json.loads, host.activity_log.read_text().splitlines()) if r["kind"] == kind]
 
 
 def wait_for(predicate, timeout=30):
@@ -48,14 +31,14 @@ def wait_for(predicate, timeout=30):
 def test_killed_host_resumes_mid_chain_without_rerunning_completed_steps(host):
     iid = host.start_orchestration("long_steps", {"steps": 4, "seconds": 1.0})
     # Kill while step 1 runs: step 0 is recorded as completed, step 1 is in flight.
-    wait_for(lambda: any(r["step"] == 1 for r in records(host, "slow_step_start")))
+    wait_for(lambda: any(r["step"] == 1 for r in host.records("slow_step_start")))
     host.kill()
     host.start()
     status = host.wait(iid, timeout=60)
     assert status["runtimeStatus"] == "Completed"
     assert status["output"] == [f"step {i} done" for i in range(4)]
-    finished = Counter(r["step"] for r in records(host, "slow_step"))
-    started = Counter(r["step"] for r in records(host, "slow_step_start"))
+    finished = Counter(r["step"] for r in host.records("slow_step"))
+    started = Counter(r["step"] for r in host.records("slow_step_start"))
     assert finished == {0: 1, 1: 1, 2: 1, 3: 1}
     assert started[0] == 1  # a completed step is never re-run
     assert started[1] == 2  # the in-flight one is re-run: activities are at-least-once
@@ -68,7 +51,7 @@ def test_pending_durable_timer_fires_after_a_restart(host):
     host.start()
     out = host.wait(iid, timeout=30)["output"]
     assert out["greeting"] == "Hello after timer!"
-    assert len(records(host, "say_hello")) == 1
+    assert len(host.records("say_hello")) == 1
 
 
 def test_instances_started_while_down_are_not_lost_and_terminal_ones_stay_terminal(host):
@@ -86,4 +69,4 @@ def test_instances_started_while_down_are_not_lost_and_terminal_ones_stay_termin
         f"{host.durable}/instances/{running}/raiseEvent/Approval", json=json.dumps({"ok": True}), timeout=10
     )
     assert host.wait(running)["output"]["approved"] is True
-    assert len(records(host, "say_hello")) == 1
+    assert len(host.records("say_hello")) == 1

@@ -2,34 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import time
 
 import pytest
 
-from tests.support.devhost import PROJECT_ROOT, DevhostProcess
-
-APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
-
-
-def make_host(tmp_path):
-    return DevhostProcess(
-        APP,
-        tmp_path / "state",
-        env={
-            "DEVHOST_TEST_LOG": str(tmp_path / "activities.log"),
-            "DEVHOST_TEST_COUNTERS": str(tmp_path / "counters"),
-            "TEST_TIMER_SCHEDULE": "0 0 0 1 1 *",
-        },
-    )
-
-
-def records(tmp_path, kind):
-    log = tmp_path / "activities.log"
-    if not log.exists():
-        return []
-    return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
+from tests.support.devhost import DurableAppHost
 
 
 def wait_for(predicate, timeout=20):
@@ -43,17 +21,17 @@ def wait_for(predicate, timeout=20):
 
 @pytest.fixture
 def host(tmp_path):
-    proc = make_host(tmp_path)
+    proc = DurableAppHost(tmp_path)
     yield proc
     proc.stop()
 
 
 def test_run_on_startup_runs_once_at_start_and_monitored_timers_do_not(host, tmp_path):
     host.start()
-    assert wait_for(lambda: records(tmp_path, "on_startup"))
+    assert wait_for(lambda: host.records("on_startup"))
     time.sleep(0.5)
-    assert [r["past_due"] for r in records(tmp_path, "on_startup")] == [False]
-    assert records(tmp_path, "yearly") == []
+    assert [r["past_due"] for r in host.records("on_startup")] == [False]
+    assert host.records("yearly") == []
 
 
 def test_a_missed_occurrence_runs_once_past_due_after_downtime(host, tmp_path):
@@ -69,14 +47,14 @@ def test_a_missed_occurrence_runs_once_past_due_after_downtime(host, tmp_path):
     db.commit()
     db.close()
     host.start()
-    assert wait_for(lambda: records(tmp_path, "yearly"))
-    run = records(tmp_path, "yearly")[0]
+    assert wait_for(lambda: host.records("yearly"))
+    run = host.records("yearly")[0]
     assert run["past_due"] is True
     assert run["schedule_status"]["Next"].startswith("2021-01-01")
     host.stop()
     host.start()  # the status was updated: no second past-due run
     time.sleep(1.0)
-    assert len(records(tmp_path, "yearly")) == 1
+    assert len(host.records("yearly")) == 1
 
 
 def test_replay_that_changes_course_fails_as_non_deterministic(host, tmp_path):
@@ -84,7 +62,7 @@ def test_replay_that_changes_course_fails_as_non_deterministic(host, tmp_path):
     flag = tmp_path / "flag"
     flag.write_text("first")
     iid = host.start_orchestration("nondeterministic", {"flag_file": str(flag)})
-    assert wait_for(lambda: records(tmp_path, "slow_step_start"))
+    assert wait_for(lambda: host.records("slow_step_start"))
     flag.write_text("second")  # the next replay schedules a different activity input
     status = host.wait(iid)
     assert status["runtimeStatus"] == "Failed"

@@ -123,3 +123,30 @@ class DevhostProcess:
             f"instance {instance_id} did not get there in {timeout}s; last status {body}\n"
             + "".join(self.output[-30:])
         )
+
+
+DURABLE_APP = PROJECT_ROOT / "tests" / "apps" / "durable_app"
+QUIET_TIMER = "0 0 0 1 1 *"  # the app's timer fires only on 1 January
+
+
+class DurableAppHost(DevhostProcess):
+    """The test app ``tests/apps/durable_app`` on a devhost of its own under ``tmp``; its functions
+    append JSON lines to ``activity_log`` (read with ``records``) and keep counters beside it."""
+
+    def __init__(self, tmp: Path, timer_schedule: str = QUIET_TIMER):
+        self.activity_log = tmp / "activities.log"
+        super().__init__(
+            DURABLE_APP,
+            tmp / "state",
+            env={
+                "DEVHOST_TEST_LOG": str(self.activity_log),
+                "DEVHOST_TEST_COUNTERS": str(tmp / "counters"),
+                "TEST_TIMER_SCHEDULE": timer_schedule,
+            },
+        )
+
+    def records(self, kind: str) -> list[dict]:
+        """What the app's functions logged of ``kind``, in order."""
+        if not self.activity_log.exists():
+            return []
+        return [r for r in map(json.loads, self.activity_log.read_text().splitlines()) if r["kind"] == kind]
