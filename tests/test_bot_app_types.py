@@ -10,9 +10,7 @@ the setting to fix.
 
 from __future__ import annotations
 
-import http.server
 import json
-import threading
 import time
 import uuid
 from typing import Any
@@ -33,6 +31,7 @@ from bot.storage import MemoryStore
 from settings import AppSettings
 from tests.support.bot_fakes import (
     FakeChannel,
+    LoopbackJsonServer,
     StubBackend,
     message_activity,
     openid_provider_installed,
@@ -93,58 +92,31 @@ async def test_a_user_assigned_identity_bot_uses_managed_identity_credentials_fo
 
 
 # -- a user-assigned managed identity, end to end --------------------------------------------------
-class FakeIdentityEndpoint:
+class FakeIdentityEndpoint(LoopbackJsonServer):
     """The App Service / Functions managed identity endpoint (``IDENTITY_ENDPOINT``), on loopback."""
 
     def __init__(self, header_secret: str) -> None:
         self.header_secret = header_secret
         self.requests: list[dict[str, Any]] = []
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self.url = ""
+
+    @property
+    def token_url(self) -> str:
+        return f"{self.url}/msi/token"
 
     def token_for(self, client_id: str) -> str:
         return f"msi-token-for-{client_id}"
 
-    def start(self) -> FakeIdentityEndpoint:
-        endpoint = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                query = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
-                endpoint.requests.append({"query": query, "header": self.headers.get("X-IDENTITY-HEADER")})
-                if self.headers.get("X-IDENTITY-HEADER") != endpoint.header_secret:
-                    self._answer(400, {"statusCode": 400, "message": "missing or wrong X-IDENTITY-HEADER"})
-                    return
-                self._answer(
-                    200,
-                    {
-                        "access_token": endpoint.token_for(query.get("client_id", "system")),
-                        "expires_on": str(int(time.time()) + 3600),
-                        "resource": query.get("resource"),
-                        "token_type": "Bearer",
-                    },
-                )
-
-            def _answer(self, status: int, body: dict) -> None:
-                data = json.dumps(body).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}/msi/token"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+    def answer_get(self, path: str, headers: Any) -> tuple[int, Any]:
+        query = {k: v[0] for k, v in parse_qs(urlsplit(path).query).items()}
+        self.requests.append({"query": query, "header": headers.get("X-IDENTITY-HEADER")})
+        if headers.get("X-IDENTITY-HEADER") != self.header_secret:
+            return 400, {"statusCode": 400, "message": "missing or wrong X-IDENTITY-HEADER"}
+        return 200, {
+            "access_token": self.token_for(query.get("client_id", "system")),
+            "expires_on": str(int(time.time()) + 3600),
+            "resource": query.get("resource"),
+            "token_type": "Bearer",
+        }
 
 
 @pytest.fixture
@@ -158,7 +130,7 @@ def identity_endpoint(monkeypatch):
     endpoint = FakeIdentityEndpoint(header_secret=uuid.uuid4().hex).start()
     for other in ("IDENTITY_SERVER_THUMBPRINT", "IMDS_ENDPOINT", "MSI_ENDPOINT", "MSI_SECRET"):
         monkeypatch.delenv(other, raising=False)  # msal would pick another managed identity source
-    monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.url)
+    monkeypatch.setenv("IDENTITY_ENDPOINT", endpoint.token_url)
     monkeypatch.setenv("IDENTITY_HEADER", endpoint.header_secret)
     yield endpoint
     endpoint.stop()

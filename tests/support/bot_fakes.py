@@ -30,6 +30,15 @@ from backends.scoring import validate_scoring_request
 MANAGED_BY = "phi3-finetune-functions"
 
 
+async def serve_on_loopback(app: web.Application) -> tuple[web.AppRunner, str]:
+    """Serve ``app`` on a free loopback port of the running loop: (its runner, its origin URL)."""
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    return runner, f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+
+
 # -- a scoring endpoint ------------------------------------------------------------------------
 @dataclass
 class StubModel:
@@ -71,11 +80,7 @@ class StubModel:
     async def start(self) -> StubModel:
         app = web.Application()
         app.router.add_post("/score", self._score)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._runner, self.url = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:
@@ -153,11 +158,7 @@ class FakeChannel:
         app = web.Application()
         app.router.add_post("/v3/conversations/{conversation}/activities", self._post)
         app.router.add_post("/v3/conversations/{conversation}/activities/{reply_to}", self._post)
-        self._runner = web.AppRunner(app, access_log=None)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        await site.start()
-        self.url = f"http://127.0.0.1:{site._server.sockets[0].getsockname()[1]}"  # type: ignore[union-attr]
+        self._runner, self.url = await serve_on_loopback(app)
         return self
 
     async def stop(self) -> None:
@@ -203,12 +204,53 @@ def message_activity(text: str, *, service_url: str, conversation: str = "conv-1
 
 
 # -- an OpenID provider for channel tokens ------------------------------------------------------
+class LoopbackJsonServer:
+    """A loopback HTTP server on a thread of its own that answers GETs with JSON.
+
+    Its own thread, because botbuilder and azure-identity fetch with blocking calls from the event
+    loop under test: a server on that loop could never answer them. Subclasses answer with
+    ``answer_get(path, headers) -> (status, body)``; ``url`` is the server's origin once started.
+    """
+
+    url = ""
+    _server: http.server.ThreadingHTTPServer | None = None
+
+    def answer_get(self, path: str, headers: Any) -> tuple[int, Any]:
+        raise NotImplementedError
+
+    def start(self):
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, body = server.answer_get(self.path, self.headers)
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args: Any) -> None:
+                return
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        if self._server:
+            self._server.shutdown()
+            self._server.server_close()
+
+
 def _b64url_uint(value: int) -> str:
     raw = value.to_bytes((value.bit_length() + 7) // 8, "big")
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
 
-class OpenIdProvider:
+class OpenIdProvider(LoopbackJsonServer):
     """Our own RSA key and OpenID metadata, served from a separate thread.
 
     botbuilder fetches metadata with blocking ``requests.get`` from the event loop, so the server
@@ -229,40 +271,13 @@ class OpenIdProvider:
         if endorsements is not None:
             jwk["endorsements"] = endorsements
         self.jwks = {"keys": [jwk]}
-        self._server: http.server.ThreadingHTTPServer | None = None
-        self.url = ""
 
-    def start(self) -> OpenIdProvider:
-        provider = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                if self.path == "/.well-known/openidconfiguration":
-                    body = {"issuer": "https://api.botframework.com", "jwks_uri": f"{provider.url}/keys"}
-                elif self.path == "/keys":
-                    body = provider.jwks
-                else:
-                    self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args: Any) -> None:
-                return
-
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
+    def answer_get(self, path: str, headers: Any) -> tuple[int, Any]:
+        if path == "/.well-known/openidconfiguration":
+            return 200, {"issuer": "https://api.botframework.com", "jwks_uri": f"{self.url}/keys"}
+        if path == "/keys":
+            return 200, self.jwks
+        return 404, {"error": f"no {path} here"}
 
     @property
     def metadata_url(self) -> str:
