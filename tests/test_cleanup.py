@@ -33,6 +33,18 @@ def tags(expires: datetime | None = None, managed: bool = True) -> dict[str, str
     return out
 
 
+def expired_endpoint(fake_azure: FakeAzure, ws: str, **deployments) -> str:
+    """``phi3ft-old``: made by us a day ago, expired an hour ago; ``deployments``/``models`` as ``seed``'s."""
+    return seed.online_endpoint(
+        fake_azure,
+        ws,
+        "phi3ft-old",
+        tags=tags(expires=NOW - timedelta(hours=1)),
+        created_at=NOW - timedelta(days=1),
+        **deployments,
+    )
+
+
 @pytest.fixture
 def local(tmp_path: Path):
     backend = LocalBackend(AppSettings(PHI3_STATE_DIR=str(tmp_path / "phi3")))
@@ -81,14 +93,7 @@ def test_azure_cleanup_moves_traffic_off_and_deletes_deployments_before_the_endp
     fake_azure: FakeAzure, azure_backend
 ):
     ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
-    ep = seed.online_endpoint(
-        fake_azure,
-        ws,
-        "phi3ft-old",
-        tags=tags(expires=NOW - timedelta(hours=1)),
-        created_at=NOW - timedelta(days=1),
-        deployments={"blue": 100, "base": 0},
-    )
+    ep = expired_endpoint(fake_azure, ws, deployments={"blue": 100, "base": 0})
     seed.online_endpoint(
         fake_azure,
         ws,
@@ -152,14 +157,7 @@ def test_the_timer_runs_on_the_configured_schedule_and_the_manual_trigger_return
     fake_azure: FakeAzure, tmp_path: Path
 ):
     ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
-    seed.online_endpoint(
-        fake_azure,
-        ws,
-        "phi3ft-old",
-        tags=tags(expires=NOW - timedelta(hours=1)),
-        created_at=NOW - timedelta(days=1),
-        deployments={"blue": 100},
-    )
+    expired_endpoint(fake_azure, ws, deployments={"blue": 100})
     host = AzureHost(fake_azure, tmp_path)
     host.env["CLEANUP_SCHEDULE"] = "0 */5 * * * *"
     host.start()
@@ -188,12 +186,9 @@ def test_azure_cleanup_deletes_the_fine_tuned_model_nothing_serves_any_more(
     shared = seed.model_version(fake_azure, ws, "phi3-ft-shared", "1", ours)
     foreign = seed.model_version(fake_azure, ws, "their-model", "3", {"team": "search"})
     catalog = "azureml://registries/azureml/models/Phi-3-mini-4k-instruct/versions/14"
-    seed.online_endpoint(
+    expired_endpoint(
         fake_azure,
         ws,
-        "phi3ft-old",
-        tags=tags(expires=NOW - timedelta(hours=1)),
-        created_at=NOW - timedelta(days=1),
         deployments={"blue": 100, "green": 0, "base": 0, "red": 0},
         models={"blue": tuned, "green": shared, "base": catalog, "red": foreign},
     )
@@ -225,15 +220,7 @@ def test_models_are_kept_unless_asked_and_azure_refuses_deleting_one_in_use(
 ):
     ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
     tuned = seed.model_version(fake_azure, ws, "phi3-ft-aaa", "1", {"managed-by": MANAGED_BY})
-    seed.online_endpoint(
-        fake_azure,
-        ws,
-        "phi3ft-old",
-        tags=tags(expires=NOW - timedelta(hours=1)),
-        created_at=NOW - timedelta(days=1),
-        deployments={"blue": 100},
-        models={"blue": tuned},
-    )
+    expired_endpoint(fake_azure, ws, deployments={"blue": 100}, models={"blue": tuned})
     with pytest.raises(BackendError, match="delete its deployments first"):
         azure_backend.delete_model_version("phi3-ft-aaa", "1")  # the fake refuses, as Azure does
 
