@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import subprocess
@@ -171,12 +172,11 @@ class Load:
 
     async def round(
         self, way, concurrency: int, turns: int, conversation_turns: int
-    ) -> tuple[list[float], list[float], float]:
+    ) -> tuple[list[list[float]], float]:
         """At least ``turns`` turns by ``concurrency`` conversations at once, each conversation making
-        at least ``conversation_turns``: (every turn's latency, the latencies by turn number within
-        the conversations — ``[0]`` is the start-up burst —, wall seconds).
+        at least ``conversation_turns``: (the latencies by turn number within the conversations —
+        ``[0]`` is the start-up burst —, wall seconds).
         """
-        latencies: list[float] = []
         per_conversation = max(conversation_turns, -(-turns // concurrency))
         by_turn: list[list[float]] = [[] for _ in range(per_conversation)]
 
@@ -185,12 +185,11 @@ class Load:
             for turn in range(per_conversation):
                 started = time.perf_counter()
                 await way(conversation_id)
-                latencies.append(time.perf_counter() - started)
-                by_turn[turn].append(latencies[-1])
+                by_turn[turn].append(time.perf_counter() - started)
 
         started = time.perf_counter()
         await asyncio.gather(*(conversation(n) for n in range(concurrency)))
-        return latencies, by_turn, time.perf_counter() - started
+        return by_turn, time.perf_counter() - started
 
 
 async def measure(
@@ -214,18 +213,15 @@ async def measure(
         await load.round(load.direct, 4, 40, conversation_turns=10)
         for concurrency in concurrencies:
             results: dict[str, dict] = {
-                name: {"latencies": [], "by_turn": [], "wall": 0.0, "cpu": dict.fromkeys(pids, 0.0)}
+                name: {"by_turn": [], "wall": 0.0, "cpu": dict.fromkeys(pids, 0.0)}
                 for name in ("direct", "relay")
             }
             for _ in range(rounds):
                 for name, way in (("direct", load.direct), ("relay", load.relay)):
                     before = {who: cpu_seconds(pid) for who, pid in pids.items()}
-                    latencies, by_turn, wall = await load.round(
-                        way, concurrency, turns // rounds, conversation_turns
-                    )
+                    by_turn, wall = await load.round(way, concurrency, turns // rounds, conversation_turns)
                     after = {who: cpu_seconds(pid) for who, pid in pids.items()}
                     result = results[name]
-                    result["latencies"] += latencies
                     if not result["by_turn"]:
                         result["by_turn"] = [[] for _ in by_turn]
                     for merged, new in zip(result["by_turn"], by_turn, strict=True):
@@ -236,7 +232,8 @@ async def measure(
                             result["cpu"][who] += after[who] - before[who]
             row: dict = {"concurrency": concurrency}
             for name, result in results.items():
-                latencies, count = result["latencies"], len(result["latencies"])
+                latencies = list(itertools.chain(*result["by_turn"]))
+                count = len(latencies)
                 row[name] = {
                     "p50_ms": percentile(latencies, 0.5) * 1000,
                     "p99_ms": percentile(latencies, 0.99) * 1000,

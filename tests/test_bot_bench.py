@@ -55,12 +55,11 @@ async def test_a_round_keeps_every_conversation_going_and_keeps_latencies_by_tur
         await asyncio.sleep(0)
 
     load = Load(None, "stub", "host")  # type: ignore[arg-type]
-    latencies, by_turn, wall = await load.round(way, 3, turns=10, conversation_turns=5)
-    assert sorted(calls.values()) == [5, 5, 5] and len(latencies) == 15 and wall > 0
-    assert [len(turn) for turn in by_turn] == [3] * 5
-    assert sorted(itertools.chain(*by_turn)) == sorted(latencies)
+    by_turn, wall = await load.round(way, 3, turns=10, conversation_turns=5)
+    assert sorted(calls.values()) == [5, 5, 5] and wall > 0
+    assert [len(turn) for turn in by_turn] == [3] * 5 and all(t > 0 for t in itertools.chain(*by_turn))
 
     calls.clear()
-    latencies, by_turn, _ = await load.round(way, 3, turns=20, conversation_turns=5)
+    by_turn, _ = await load.round(way, 3, turns=20, conversation_turns=5)
     assert sorted(calls.values()) == [7, 7, 7]  # ceil(20 / 3): at least the round's turns in all
-    assert len(latencies) == 21 and [len(turn) for turn in by_turn] == [3] * 7
+    assert [len(turn) for turn in by_turn] == [3] * 7
