@@ -15,7 +15,7 @@ MAKE = shutil.which("make")
 
 @pytest.mark.skipif(MAKE is None, reason="make is not installed")
 def test_webchat_without_npm_is_skipped_with_a_hint_and_the_make_goes_on(tmp_path):
-    bin_dir = tmp_path / "bin"  # a PATH with a shell and make, and no npm
+    bin_dir = tmp_path / "bin"  # a PATH with a shell and no npm; make runs by its full path
     bin_dir.mkdir()
     for tool in ("bash", "sh"):
         (bin_dir / tool).symlink_to(shutil.which(tool))
