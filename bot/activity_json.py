@@ -16,6 +16,7 @@ error) sends the whole activity through msrest, whose output and errors are then
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 from botbuilder.schema import Activity
@@ -30,41 +31,51 @@ _BASIC: dict[str, type] = {"str": str, "bool": bool, "int": int, "float": float}
 _serializer = Serializer(_SCHEMA)
 _deserializer = Deserializer(_SCHEMA)
 
-# class -> ((attribute, JSON key, msrest type, attribute description), ...), None: not plain
-_plans: dict[type, tuple[tuple[str, str, str, dict], ...] | None] = {}
-# class -> {JSON key: (attribute, msrest type)}, for the keys the schema knows
-_fields: dict[type, dict[str, tuple[str, str]]] = {}
+
+@dataclass(frozen=True)
+class _Plan:
+    """How one plain model class maps to JSON, both ways."""
+
+    entries: tuple[tuple[str, str, str, dict], ...]  # (attribute, JSON key, msrest type, description)
+    by_key: dict[str, tuple[str, str]]  # JSON key -> (attribute, msrest type)
+
+
+_plans: dict[type, _Plan | None] = {}  # None: not plain
 
 
 class _NotPlain(Exception):
     """A model this module does not cover: msrest handles the whole activity."""
 
 
-def _plan(cls: type) -> tuple[tuple[str, str, str, dict], ...]:
+def _plan(cls: type) -> _Plan:
     if cls not in _plans:
-        plain = (
-            issubclass(cls, Model)
-            and not getattr(cls, "_validation", None)
-            and not getattr(cls, "_subtype_map", None)
-            and not cls.is_xml_model()
-        )
-        entries = []
-        for attr, desc in cls._attribute_map.items() if plain else ():
-            key = desc["key"]
-            if attr == "additional_properties" or not key or "." in key or "\\" in key:
-                plain = False
-                break
-            entries.append((attr, key, desc["type"], desc))
-        fields = {key: (attr, type_) for attr, key, type_, _ in entries}
-        # Reading sets only the attributes present in the JSON; msrest passes None for the others,
-        # which is the same only where every constructor default is None.
-        plain = plain and len(fields) == len(entries) and _defaults_are_none(cls)
-        _plans[cls] = tuple(entries) if plain else None
-        _fields[cls] = fields
+        _plans[cls] = _build_plan(cls)
     plan = _plans[cls]
     if plan is None:
         raise _NotPlain(cls.__name__)
     return plan
+
+
+def _build_plan(cls: type) -> _Plan | None:
+    if not (
+        issubclass(cls, Model)
+        and not getattr(cls, "_validation", None)
+        and not getattr(cls, "_subtype_map", None)
+        and not cls.is_xml_model()
+    ):
+        return None
+    entries = []
+    for attr, desc in cls._attribute_map.items():
+        key = desc["key"]
+        if attr == "additional_properties" or not key or "." in key or "\\" in key:
+            return None
+        entries.append((attr, key, desc["type"], desc))
+    by_key = {key: (attr, type_) for attr, key, type_, _ in entries}
+    # Reading sets only the attributes present in the JSON; msrest passes None for the others,
+    # which is the same only where every constructor default is None.
+    if len(by_key) != len(entries) or not _defaults_are_none(cls):
+        return None
+    return _Plan(tuple(entries), by_key)
 
 
 def _defaults_are_none(cls: type) -> bool:
@@ -84,8 +95,7 @@ def activity_from_json(data: dict[str, Any]) -> Activity:
 def _model_from_json(cls: type, data: Any) -> Any:
     if type(data) is not dict:
         raise _NotPlain(cls.__name__)
-    _plan(cls)
-    fields = _fields[cls]
+    fields = _plan(cls).by_key
     attrs: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, raw in data.items():  # only what the message holds, not all ~45 attributes
@@ -126,7 +136,7 @@ def model_to_json(model: Model) -> dict[str, Any]:
 
 def _model_to_json(model: Model) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for attr, key, type_, desc in _plan(type(model)):
+    for attr, key, type_, desc in _plan(type(model)).entries:
         value = getattr(model, attr)
         if value is not None:  # msrest leaves out unset attributes
             out[key] = _to_json(value, type_, desc)
