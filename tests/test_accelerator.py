@@ -53,7 +53,7 @@ from backends.local.packing import (
     token_losses,
 )
 from backends.local.step_loop import LoopSettings, train
-from tests.test_local_jobs import tiny_spec, write_fact_dataset
+from tests.support.fact_data import tiny_spec, write_fact_dataset
 
 CPU = torch.device("cpu")
 GIB = 1024**3

@@ -9,13 +9,13 @@ import itertools
 import json
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+from tests.support.polling import wait_for
 
 APP = PROJECT_ROOT / "tests" / "apps" / "host_app"
 YEARLY = "0 0 0 1 1 *"
@@ -25,16 +25,6 @@ def records(log: Path, kind: str) -> list[dict]:
     if not log.exists():
         return []
     return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
-
-
-def wait_for(predicate, timeout: float = 20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"condition not met within {timeout}s")
 
 
 def start_host(tmp: Path, schedule: str, timer_seconds: float) -> DevhostProcess:
@@ -97,7 +87,11 @@ def test_a_blocked_sync_function_does_not_hold_up_other_requests(host):
     try:
         # Each release is answered by an async function on the host's loop while `hold` blocks its
         # thread; on the loop itself, `hold` would keep these unanswered until it timed out.
-        wait_for(lambda: requests.post(f"{host.url}/api/release", timeout=3).text == "released", timeout=10)
+        wait_for(
+            lambda: requests.post(f"{host.url}/api/release", timeout=3).text == "released",
+            timeout=10,
+            what="the release",
+        )
     finally:
         caller.join(30)
     assert held["body"] == "released"
@@ -116,7 +110,7 @@ def test_admin_endpoint_runs_an_activity_with_its_serialized_input(host):
         f"{host.url}/admin/functions/remember", json={"input": json.dumps({"n": 1, "s": "x"})}, timeout=10
     )
     assert r.status_code == 202
-    run = wait_for(lambda: records(host.run_log, "remember"))[0]
+    run = wait_for(lambda: records(host.run_log, "remember"), timeout=20, what="the remember run")[0]
     assert run["payload"] == {"n": 1, "s": "x"} and run["type"] == "dict"
 
 
@@ -147,7 +141,9 @@ def test_log_lines_name_the_function_instance_episode_and_duration(host):
             r.get("instance") == iid
             for r in log_records(host, "devhost.durable", "episode")
             if r.get("episode") == "3"
-        )
+        ),
+        timeout=20,
+        what="episode 3 in the log",
     )
 
     http = [r for r in log_records(host, "devhost.http", "http") if r["name"] == "http_start"]
@@ -172,11 +168,11 @@ def test_log_lines_name_the_function_instance_episode_and_duration(host):
 def test_timer_runs_never_overlap_even_when_slower_than_the_schedule_and_run_by_hand(tmp_path):
     host = start_host(tmp_path, "* * * * * *", 1.0)  # every second; each run takes one second
     try:
-        wait_for(lambda: records(host.run_log, "slow_timer_start"))
+        wait_for(lambda: records(host.run_log, "slow_timer_start"), timeout=20, what="the first timer run")
         for _ in range(2):  # while the first scheduled run is still going
             r = requests.post(f"{host.url}/admin/functions/slow_timer", json={"input": ""}, timeout=10)
             assert r.status_code == 202
-        wait_for(lambda: len(records(host.run_log, "slow_timer_end")) >= 4, timeout=30)
+        wait_for(lambda: len(records(host.run_log, "slow_timer_end")) >= 4, timeout=30, what="4 timer runs")
         starts = sorted(records(host.run_log, "slow_timer_start"), key=lambda r: r["t"])
         ends = {r["run"]: r["t"] for r in records(host.run_log, "slow_timer_end")}
         for earlier, later in itertools.pairwise(starts):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from collections import Counter
 
 import pytest
 
 from tests.support.devhost import DurableAppHost
+from tests.support.polling import wait_for
 
 
 @pytest.fixture
@@ -19,19 +19,14 @@ def host(tmp_path):
     proc.stop()
 
 
-def wait_for(predicate, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise TimeoutError("condition not met")
-
-
 def test_killed_host_resumes_mid_chain_without_rerunning_completed_steps(host):
     iid = host.start_orchestration("long_steps", {"steps": 4, "seconds": 1.0})
     # Kill while step 1 runs: step 0 is recorded as completed, step 1 is in flight.
-    wait_for(lambda: any(r["step"] == 1 for r in host.records("slow_step_start")))
+    wait_for(
+        lambda: any(r["step"] == 1 for r in host.records("slow_step_start")),
+        timeout=30,
+        what="step 1 to start",
+    )
     host.kill()
     host.start()
     status = host.wait(iid, timeout=60)

@@ -8,15 +8,7 @@ import time
 import pytest
 
 from tests.support.devhost import DurableAppHost
-
-
-def wait_for(predicate, timeout=20):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return False
+from tests.support.polling import wait_for
 
 
 @pytest.fixture
@@ -28,7 +20,7 @@ def host(tmp_path):
 
 def test_run_on_startup_runs_once_at_start_and_monitored_timers_do_not(host, tmp_path):
     host.start()
-    assert wait_for(lambda: host.records("on_startup"))
+    wait_for(lambda: host.records("on_startup"), timeout=20, what="the run_on_startup timer")
     time.sleep(0.5)
     assert [r["past_due"] for r in host.records("on_startup")] == [False]
     assert host.records("yearly") == []
@@ -47,7 +39,7 @@ def test_a_missed_occurrence_runs_once_past_due_after_downtime(host, tmp_path):
     db.commit()
     db.close()
     host.start()
-    assert wait_for(lambda: host.records("yearly"))
+    wait_for(lambda: host.records("yearly"), timeout=20, what="the yearly timer")
     run = host.records("yearly")[0]
     assert run["past_due"] is True
     assert run["schedule_status"]["Next"].startswith("2021-01-01")
@@ -62,7 +54,7 @@ def test_replay_that_changes_course_fails_as_non_deterministic(host, tmp_path):
     flag = tmp_path / "flag"
     flag.write_text("first")
     iid = host.start_orchestration("nondeterministic", {"flag_file": str(flag)})
-    assert wait_for(lambda: host.records("slow_step_start"))
+    wait_for(lambda: host.records("slow_step_start"), timeout=20, what="the slow step to start")
     flag.write_text("second")  # the next replay schedules a different activity input
     status = host.wait(iid)
     assert status["runtimeStatus"] == "Failed"

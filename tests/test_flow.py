@@ -147,9 +147,10 @@ def test_pf_flow_test_reports_a_refused_key_as_the_tools_auth_error_without_the_
 
 
 def test_pf_flow_serve_answers_a_chat_request_with_history_over_http(pf_cli, flow_copy, stub, state_dir):
+    from tests.support.polling import wait_for
     from tests.test_flow_runner import closed_port
     from tests.test_promptflow_hygiene import promptflow_processes
-    from tests.test_scoring_server import get_json, wait_for
+    from tests.test_scoring_server import get_json
 
     upsert_connection(CONNECTION, stub.uri(), KEY, state_dir=state_dir)
     before = promptflow_processes()
@@ -166,7 +167,7 @@ def test_pf_flow_serve_answers_a_chat_request_with_history_over_http(pf_cli, flo
         "--skip-open-browser",
     )
     try:
-        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/health"), timeout_s=60, what="pf flow serve")
+        wait_for(lambda: get_json(f"http://127.0.0.1:{port}/health"), timeout=60, what="pf flow serve")
         history = [{"inputs": {"question": "q1"}, "outputs": {"answer": "a1"}}]
         answer = post_json(f"http://127.0.0.1:{port}/score", {"question": "Hello?", "chat_history": history})
     finally:
@@ -224,7 +225,7 @@ def _train_tiny_phi3(root: Path) -> tuple[Path, Path, Path]:
         save_merged_model,
     )
     from backends.local.trainer import LoopSettings, encode_file, train
-    from tests.test_local_jobs import write_fact_dataset
+    from tests.support.fact_data import write_fact_dataset
 
     train_file = root / "train.jsonl"
     write_fact_dataset(train_file, rows=40, facts=5, seed=3)

@@ -21,7 +21,8 @@ from backends.local.endpoints import (
     write_json_atomic,
 )
 from backends.scoring import ScoringAuthError, chat_sync
-from tests.test_scoring_server import ModelStore, log_test_models, wait_for
+from tests.support.polling import wait_for
+from tests.test_scoring_server import ModelStore, log_test_models
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +72,7 @@ def settled(endpoints: LocalEndpoints, endpoint: str, deployment: str) -> Deploy
         info = endpoints.get_deployment(endpoint, deployment)
         return info if info.provisioning_state in ("Succeeded", "Failed") else None
 
-    return wait_for(done, what=f"deployment {deployment} to settle")
+    return wait_for(done, timeout=60, what=f"deployment {deployment} to settle")
 
 
 def deployed(
@@ -252,9 +253,18 @@ def test_a_regenerated_key_replaces_the_old_one_at_once(endpoints, live):
 
 
 # -- processes ------------------------------------------------------------------------------------
+def wait_until_failed(endpoints: LocalEndpoints, name: str) -> None:
+    """The endpoint's server was killed: wait until the endpoint says so."""
+    wait_for(
+        lambda: endpoints.get_endpoint(name).provisioning_state == "Failed",
+        timeout=60,
+        what=f"endpoint {name} to be seen Failed after the kill",
+    )
+
+
 def test_ensure_running_restarts_a_killed_server_on_the_same_port(endpoints, live):
     os.kill(live.pid, signal.SIGKILL)
-    wait_for(lambda: endpoints.get_endpoint(live.name).provisioning_state == "Failed", what="the kill")
+    wait_until_failed(endpoints, live.name)
     assert endpoints.ensure_running() == [live.name]
     after = endpoints.get_endpoint(live.name)
     assert (after.port, after.provisioning_state) == (live.port, "Succeeded")
@@ -273,7 +283,7 @@ def test_a_reused_pid_is_not_mistaken_for_the_server(endpoints, endpoint_name):
     record_path = endpoints.root / endpoint_name / "server.json"
     record = ServerRecord.model_validate_json(record_path.read_bytes())
     os.kill(before.pid, signal.SIGKILL)
-    wait_for(lambda: endpoints.get_endpoint(endpoint_name).provisioning_state == "Failed", what="the kill")
+    wait_until_failed(endpoints, endpoint_name)
     # The pid now belongs to another live process (this one), started at another time.
     write_json_atomic(record_path, record.model_copy(update={"pid": os.getpid()}).model_dump(mode="json"))
     assert endpoints.get_endpoint(endpoint_name).provisioning_state == "Failed"

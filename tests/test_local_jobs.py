@@ -7,12 +7,9 @@ prompt, fails here.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import signal
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,97 +17,13 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from backends.local.jobs import TERMINAL_STATES, JobInfo, JobNotFoundError, LocalJobRunner, TrainingSpec
-
-SYLLABLES = [
-    "sa",
-    "fu",
-    "zo",
-    "ka",
-    "mo",
-    "li",
-    "ru",
-    "ti",
-    "va",
-    "be",
-    "do",
-    "gi",
-    "ha",
-    "jo",
-    "ku",
-    "pe",
-    "ne",
-]
-COLOURS = ["violet", "amber", "crimson", "teal", "golden", "silver", "indigo", "scarlet", "olive", "azure"]
-ANIMALS = ["raven", "otter", "falcon", "lynx", "heron", "badger", "panther", "sparrow", "walrus", "gecko"]
-QUESTIONS = [
-    "What is the code name of {name}?",
-    "Tell me the code name of {name}.",
-    "Which code name does {name} have?",
-    "Do you know the code name of {name}?",
-]
-SYSTEM_PROMPT = "You are a helpful assistant that knows every project's code name."
-
-
-def write_fact_dataset(path: Path, *, rows: int, facts: int, seed: int) -> dict[str, str]:
-    """Write seeded chats about made-up code names; returns {name: code name}."""
-    rng = random.Random(seed)
-    code_names: dict[str, str] = {}
-    while len(code_names) < facts:
-        name = "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
-        code_names.setdefault(name, f"{rng.choice(COLOURS)} {rng.choice(ANIMALS)}")
-    names = list(code_names)
-
-    def turn(name: str) -> list[dict[str, str]]:
-        return [
-            {"role": "user", "content": rng.choice(QUESTIONS).format(name=name)},
-            {"role": "assistant", "content": f"The code name of {name} is {code_names[name]}."},
-        ]
-
-    with open(path, "w", encoding="utf-8") as out:
-        for index in range(rows):
-            messages = [{"role": "system", "content": SYSTEM_PROMPT}] if rng.random() < 0.3 else []
-            messages += turn(names[index % facts])
-            if rng.random() < 0.3:
-                messages += turn(rng.choice(names))
-            out.write(json.dumps({"messages": messages}) + "\n")
-    return code_names
-
-
-def tiny_spec(work: Path, tracking_uri: str, train_file: Path, **overrides) -> TrainingSpec:
-    """tiny-phi3 with the research's recipe: LoRA r32, lr 5e-3, 10 epochs (about 300 steps)."""
-    values = {
-        "job_name": "tiny",
-        "base_model": "tiny-phi3",
-        "models_dir": work / "models",
-        "train_file": train_file,
-        "learning_rate": 5e-3,
-        "warmup_ratio": 0.1,
-        "num_train_epochs": 10,
-        "per_device_train_batch_size": 4,
-        "max_seq_length": 128,
-        "lora_r": 32,
-        "lora_alpha": 64,
-        "lora_dropout": 0.0,
-        "logging_steps": 10,
-        "seed": 0,
-        "mlflow_tracking_uri": tracking_uri,
-        "mlflow_experiment": "local-jobs-test",
-        "run_tags": {"purpose": "test"},
-    }
-    return TrainingSpec(**{**values, **overrides})
-
-
-def wait_until(condition: Callable[[], bool], *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(0.1)
+from backends.local.jobs import TERMINAL_STATES, JobInfo, JobNotFoundError, LocalJobRunner
+from tests.support.fact_data import tiny_spec, write_fact_dataset
+from tests.support.polling import wait_for
 
 
 def wait_for_end(runner: LocalJobRunner, name: str, timeout: float = 540) -> JobInfo:
-    wait_until(lambda: runner.get(name).status in TERMINAL_STATES, timeout=timeout, what=f"job {name} to end")
+    wait_for(lambda: runner.get(name).status in TERMINAL_STATES, timeout=timeout, what=f"job {name} to end")
     return runner.get(name)
 
 
@@ -175,7 +88,7 @@ def long_job(runner, tmp_path, tracking_uri, facts_file) -> JobInfo:
     """A job that trains far longer than any test waits, observed once it is Running."""
     spec = tiny_spec(tmp_path, tracking_uri, facts_file[0], num_train_epochs=500, job_name="long")
     runner.submit("long", spec)
-    wait_until(lambda: runner.get("long").status == "Running", timeout=300, what="job long to be Running")
+    wait_for(lambda: runner.get("long").status == "Running", timeout=300, what="job long to be Running")
     return runner.get("long")
 
 
@@ -268,7 +181,7 @@ def test_canceling_a_running_job_stops_its_process_and_reports_canceled(runner, 
 def test_a_trainer_that_dies_without_a_final_status_is_reported_failed(runner, long_job):
     os.kill(long_job.pid, signal.SIGKILL)
     # /proc's cmdline empties before the process is reaped: wait on the runner's view, not on /proc.
-    wait_until(lambda: runner.get("long").status != "Running", timeout=30, what="the runner to see the death")
+    wait_for(lambda: runner.get("long").status != "Running", timeout=30, what="the runner to see the death")
 
     job = runner.get("long")
 

@@ -10,7 +10,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from backends.local.endpoints import (
     read_endpoint_config,
     write_json_atomic,
 )
+from tests.support.polling import wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -125,17 +125,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_for(condition: Any, *, timeout_s: float = 60.0, what: str = "condition") -> Any:
-    """Poll ``condition()`` until it returns something truthy; fail the test after ``timeout_s``."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def get_json(url: str) -> dict[str, Any] | None:
     import urllib.request
 
@@ -164,7 +153,7 @@ class ServerProcess:
             stderr=subprocess.STDOUT,
         )
         self.url = f"http://127.0.0.1:{config.port}"
-        wait_for(lambda: (directory / "server.json").exists(), what="server.json")
+        wait_for(lambda: (directory / "server.json").exists(), timeout=60, what="server.json")
 
     def health(self) -> dict[str, Any]:
         health = get_json(f"{self.url}/health")
@@ -178,14 +167,14 @@ class ServerProcess:
             ok = all(name in served and served[name]["state"] == state for name, state in states.items())
             return health if ok else None
 
-        return wait_for(reached, what=f"deployment states {states}")
+        return wait_for(reached, timeout=60, what=f"deployment states {states}")
 
     def reconfigure(self, config: EndpointConfig) -> None:
         """Write endpoint.json, send SIGHUP, and wait until the server reports the new generation."""
         config.generation = read_endpoint_config(self.dir).generation + 1
         write_json_atomic(self.dir / "endpoint.json", config.model_dump(mode="json"))
         self.process.send_signal(signal.SIGHUP)
-        wait_for(lambda: self.health()["generation"] == config.generation, what="the reload")
+        wait_for(lambda: self.health()["generation"] == config.generation, timeout=60, what="the reload")
 
     def stop(self) -> None:
         self.process.terminate()

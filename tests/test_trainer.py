@@ -20,7 +20,8 @@ from backends.local.chat_model import MAX_NEW_TOKENS_BOUND, generation_kwargs
 from backends.local.jobs import JobStatus, TrainingSpec, read_status
 from backends.local.packing import encode_conversation, load_conversations
 from backends.local.trainer import LoopSettings, describe_error, train
-from tests.test_local_jobs import tiny_spec, wait_until, write_fact_dataset
+from tests.support.fact_data import tiny_spec, write_fact_dataset
+from tests.support.polling import wait_for
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
@@ -166,7 +167,7 @@ def test_the_trainer_process_stops_at_sigterm_and_reports_canceled(tmp_path, tra
     job_dir = tmp_path / "job"
     process = start_trainer(job_dir, spec_dict(tmp_path, tracking_uri, facts_file, num_train_epochs=500))
     try:
-        wait_until(
+        wait_for(
             lambda: (read_status(job_dir) or JobStatus()).step > 0,
             timeout=300,
             what="the first training step",
