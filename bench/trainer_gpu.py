@@ -41,6 +41,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
+from torch._dynamo.utils import counters
 
 from backends.local.accelerator import (
     Switches,
@@ -242,6 +243,7 @@ def run_ours(
     name: str,
 ) -> Result:
     fresh_memory(device)
+    counters.clear()
     execution = plan_execution(device, switches, lora=True)
     model = load_trainable_model(
         model_dir, lora=LORA, seed=0, device=device, dtype=execution.base_dtype, attention=execution.attention
@@ -283,8 +285,19 @@ def run_ours(
     result.detail = f"{execution.describe()}; {len(steps)} steps, {warm.step} warm-up" + (
         f"; {len(events)} out-of-memory back-offs" if events else ""
     )
+    if execution.compile:
+        result.detail += f"; {compile_summary()}"
     del model
     return result
+
+
+def compile_summary() -> str:
+    """What torch.compile made of the decoder layers: a graph break in a layer costs much of its gain."""
+    breaks = counters["graph_break"]
+    summary = f"{counters['stats']['unique_graphs']} compiled graphs, {sum(breaks.values())} graph breaks"
+    for reason, count in breaks.items():  # the first line says what broke the graph
+        summary += f"\n      {count}× {reason.splitlines()[0][:150]}"
+    return summary
 
 
 def prepare_model(work: Path, device: torch.device, smoke: bool, model_dir: Path | None) -> Path:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from backends.local.accelerator import (
     Execution,
@@ -234,11 +235,14 @@ def test_compiled_decoder_layers_give_the_losses_of_eager_ones(corpus, tmp_path)
     model = bf16_lora(model_dir, ATTENTION_NAME)
     eager = losses_of(model, batch).detach()
 
+    counters.clear()
     assert compile_layers(model) == TOY["num_hidden_layers"]
     compiled = losses_of(model, batch)
     compiled.sum().backward()
 
     torch.testing.assert_close(compiled.detach().float(), eager.float(), rtol=0.03, atol=0.03)
+    # The flash kernel itself inside the graphs (tests/test_compiled_layers.py checks the same on the CPU).
+    assert not counters["graph_break"], dict(counters["graph_break"])
 
 
 # -- memory -------------------------------------------------------------------------------------------

@@ -24,11 +24,12 @@ ATTENTION_NAME = "packed_varlen"
 
 _varlen_attn: Any = None
 _window_style = ""  # how this torch's varlen_attn takes causality: "window_size" or "is_causal"
+_native_gqa = False  # whether it takes fewer key/value heads than query heads (enable_gqa)
 
 
 def register_packed_attention() -> bool:
     """Register `packed_varlen` with transformers; returns whether the CUDA varlen kernel exists here."""
-    global _varlen_attn, _window_style
+    global _varlen_attn, _window_style, _native_gqa
     from transformers import AttentionInterface
 
     AttentionInterface.register(ATTENTION_NAME, packed_varlen_attention)
@@ -39,6 +40,7 @@ def register_packed_attention() -> bool:
     parameters = inspect.signature(varlen_attn).parameters
     # Decided once, here: inspecting inside the compiled attention would break the graph.
     _window_style = "window_size" if "window_size" in parameters else "is_causal"
+    _native_gqa = "enable_gqa" in parameters
     _varlen_attn = varlen_attn
     return True
 
@@ -74,17 +76,25 @@ def packed_varlen_attention(
     if cu_seq_lens is None:
         cu_seq_lens, max_length = bounds_from_positions(kwargs.get("position_ids"), width)
     q, k, v = (_tokens_first(t) for t in (query, key, value))
-    if k.shape[1] != heads:  # grouped-query attention: kv head j serves query heads j*n .. j*n+n-1
-        k = k.repeat_interleave(heads // k.shape[1], dim=1)
-        v = v.repeat_interleave(heads // v.shape[1], dim=1)
     # transformers' sliding window (masking_utils.sliding_window_overlay): key i is seen from query j
     # when j - window < i <= j, i.e. window - 1 keys to the left.
     left = sliding_window - 1 if sliding_window is not None and max_length > sliding_window else None
-    if _varlen_attn is not None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+    kernel = _uses_kernel(q)
+    if k.shape[1] != heads and not (kernel and _native_gqa):
+        # grouped-query attention: kv head j serves query heads j*n .. j*n+n-1
+        k = k.repeat_interleave(heads // k.shape[1], dim=1)
+        v = v.repeat_interleave(heads // v.shape[1], dim=1)
+    if kernel:
         out = _flash_varlen(q, k, v, cu_seq_lens, max_length, scaling, left)
     else:
         out = _reference_varlen(q, k, v, cu_seq_lens, scaling, left)
     return out.view(batch, width, heads, head_dim), None
+
+
+def _uses_kernel(query: torch.Tensor) -> bool:
+    """Whether the flash varlen kernel serves these queries: this torch has it, they are on CUDA, in half
+    precision. Everything else takes the reference path."""
+    return _varlen_attn is not None and query.is_cuda and query.dtype in (torch.bfloat16, torch.float16)
 
 
 def _tokens_first(tensor: torch.Tensor) -> torch.Tensor:
@@ -114,15 +124,16 @@ def _flash_varlen(
     left: int | None,
 ) -> torch.Tensor:
     cu = cu_seq_lens.to(device=q.device, dtype=torch.int32)
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}  # only where _native_gqa (see above)
     if _window_style == "window_size":
         window = (left if left is not None else -1, 0)
-        return _varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, window_size=window)
+        return _varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, window_size=window, **gqa)
     if left is not None:
         raise ValueError(
             f"this torch's varlen attention has no sliding window, but the model's window ({left + 1}) is "
             "shorter than the sequences; use attention 'sdpa' or a max_seq_length within the window"
         )
-    return _varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, is_causal=True)
+    return _varlen_attn(q, k, v, cu, cu, max_length, max_length, scale=scaling, is_causal=True, **gqa)
 
 
 def _reference_varlen(
