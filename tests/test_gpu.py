@@ -80,6 +80,26 @@ def test_the_gpu_benchmark_runs_both_paths_on_a_tiny_model_on_the_cpu():
     assert "attention packed_varlen" in rows[1]["detail"]
 
 
+def test_the_gpu_benchmark_says_how_many_graphs_compile_made_and_what_broke_them():
+    from bench.trainer_gpu import compile_summary
+
+    def halves(x: torch.Tensor) -> torch.Tensor:
+        x = x + 1
+        torch._dynamo.graph_break()
+        return x / 2
+
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        torch.compile(halves, backend="eager")(torch.ones(3))
+        summary = compile_summary()
+    finally:
+        torch._dynamo.reset()
+
+    assert summary.startswith("2 compiled graphs, 1 graph breaks"), summary
+    assert "1× Call to `torch._dynamo.graph_break()`" in summary, summary
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
 def test_the_gpu_benchmark_without_a_gpu_exits_saying_what_it_needs():
     result = subprocess.run(
