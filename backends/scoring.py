@@ -135,19 +135,23 @@ def build_chat_completions_request(
     return body
 
 
-def parse_chat_completions_response(body: bytes | str | dict[str, Any]) -> str:
+def parse_chat_completions_response(body: bytes | str | dict[str, Any], *, key: str = "") -> str:
+    """The answer from a chat-completions body; `key` is redacted from the error, should a server echo it."""
     if isinstance(body, bytes | str):
         try:
             body = json.loads(body)
         except ValueError:
-            raise ScoringResponseError(f"chat-completions response is not JSON: {_excerpt(body)!r}") from None
+            raise ScoringResponseError(
+                f"chat-completions response is not JSON: {_excerpt(body, key=key)!r}"
+            ) from None
     try:
         answer = body["choices"][0]["message"]["content"]  # type: ignore[index]
     except (KeyError, IndexError, TypeError):
         answer = None
     if not isinstance(answer, str):
         raise ScoringResponseError(
-            f"chat-completions response has no choices[0].message.content: {_excerpt(json.dumps(body))!r}"
+            "chat-completions response has no choices[0].message.content: "
+            f"{_excerpt(json.dumps(body), key=key)!r}"
         )
     return answer
 
@@ -196,23 +200,26 @@ class ScoringResponseError(ScoringError):
     """The server answered 200 with a body that is not ``{"output": "<string>"}``."""
 
 
-def parse_scoring_response(body: bytes | str | dict[str, Any]) -> str:
-    """The answer string from a scoring response body."""
+def parse_scoring_response(body: bytes | str | dict[str, Any], *, key: str = "") -> str:
+    """The answer string from a scoring response body; `key` is redacted from the error, should a server
+    echo it."""
     if isinstance(body, bytes | str):
         try:
             body = json.loads(body)
         except ValueError:
-            raise ScoringResponseError(f"scoring response is not JSON: {_excerpt(body)!r}") from None
+            raise ScoringResponseError(f"scoring response is not JSON: {_excerpt(body, key=key)!r}") from None
     if not isinstance(body, dict) or not isinstance(body.get("output"), str):
-        raise ScoringResponseError(
-            f'scoring response should be {{"output": "<string>"}}, got {_excerpt(json.dumps(body))!r}'
-        )
+        got = _excerpt(json.dumps(body), key=key)
+        raise ScoringResponseError(f'scoring response should be {{"output": "<string>"}}, got {got!r}')
     return body["output"]
 
 
-def _excerpt(text: bytes | str, limit: int = _ERROR_TEXT_LIMIT) -> str:
+def _excerpt(text: bytes | str, limit: int = _ERROR_TEXT_LIMIT, *, key: str = "") -> str:
+    """`text` shortened for an error message, `key` redacted first (after, a key cut in two would stay)."""
     if isinstance(text, bytes):
         text = text.decode("utf-8", errors="replace")
+    if key:
+        text = text.replace(key, "***")
     return text if len(text) <= limit else text[:limit] + "…"
 
 
@@ -239,9 +246,7 @@ def _server_message(body: bytes, key: str) -> str:
     if isinstance(parsed, dict):
         error = parsed.get("error", parsed.get("message", text))
         text = error.get("message", json.dumps(error)) if isinstance(error, dict) else str(error)
-    if key:
-        text = text.replace(key, "***")
-    return _excerpt(text.strip()) or "(empty body)"
+    return _excerpt(text.strip(), key=key) or "(empty body)"
 
 
 def _error_for_status(status: int, body: bytes, headers: Any, *, target: str, key: str) -> ScoringError:
@@ -380,7 +385,7 @@ class ScoringClient:
         body: bytes,
         headers: dict[str, str],
         timeout: aiohttp.ClientTimeout,
-        parse: Callable[[bytes], str] = parse_scoring_response,
+        parse: Callable[..., str] = parse_scoring_response,
     ) -> str:
         target = _describe_target(scoring_uri)
         try:
@@ -388,7 +393,7 @@ class ScoringClient:
                 payload = await resp.read()
                 if resp.status != 200:
                     raise _error_for_status(resp.status, payload, resp.headers, target=target, key=key)
-                return parse(payload)
+                return parse(payload, key=key)
         except ScoringError:
             raise
         except TimeoutError:

@@ -40,6 +40,7 @@ from flows.runner import (
     get_flow_runner,
     to_chat_history,
 )
+from tests.support.redaction import STRADDLING_FILLER, leaked_pieces
 
 KEY = "flow-k3y-" + "s" * 40
 HISTORY = [
@@ -127,6 +128,10 @@ class ScoringStub:
             return web.Response(text="<html>bad gateway</html>", content_type="text/html")
         if case == "wrong-shape":
             return web.json_response({"predictions": ["hi"]})
+        if case == "echo-200":
+            return web.json_response({"received": auth})
+        if case == "echo-late-401":  # the echo straddles the cut of the error excerpt
+            return web.json_response({"error": {"message": STRADDLING_FILLER + auth}}, status=401)
         if case == "drop":
             request.transport.close()
             return web.Response()
@@ -284,6 +289,17 @@ def test_each_endpoint_failure_becomes_its_own_error_type(runner_for, case, erro
     assert type(raised.value) is error
     assert raised.value.status == status
     assert KEY not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("case", "error"), [("echo-200", ScoringResponseError), ("echo-late-401", ScoringAuthError)]
+)
+def test_a_key_echoed_in_any_body_reaches_no_error_message_not_even_in_part(runner_for, case, error):
+    with pytest.raises(error) as raised:
+        runner_for(case).answer_sync("Hello?")
+    message = str(raised.value)
+    assert not leaked_pieces(message, KEY), message
+    assert "***" in message  # the echo was there, redacted where it stood
 
 
 def test_a_throttled_answer_carries_the_endpoints_retry_after(runner_for):

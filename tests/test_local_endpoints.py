@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import signal
 import stat
 from collections.abc import Iterator
@@ -12,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from backends.local.backend import LocalBackend
+from backends.local.endpoint_state import DamagedKeysError, read_keys
 from backends.local.endpoints import (
     DeploymentInfo,
     EndpointInfo,
@@ -20,8 +23,11 @@ from backends.local.endpoints import (
     ServerRecord,
     write_json_atomic,
 )
+from backends.protocol import BackendError
 from backends.scoring import ScoringAuthError, chat_sync
+from settings import AppSettings
 from tests.support.polling import wait_for
+from tests.support.redaction import leaked_pieces
 from tests.test_scoring_server import ModelStore, log_test_models
 
 
@@ -240,6 +246,47 @@ def test_keys_are_private_on_disk_and_never_shown_in_logs_or_reprs(endpoints, li
     shown += [(directory / name).read_text() for name in ("endpoint.json", "server.json")]
     shown += [live.model_dump_json(), endpoints.get_deployment(live.name, "blue").model_dump_json()]
     assert all(primary not in text and secondary not in text for text in shown)
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda keys: json.dumps({"primary": keys["primary"]}), "secondary: Field required"),
+        (lambda keys: json.dumps(keys, indent=2)[:-2] + ",\n}", "Invalid JSON: trailing comma"),
+        (lambda keys: json.dumps(keys)[:60], "Invalid JSON: EOF while parsing"),
+    ],
+    ids=["a key missing", "a trailing comma", "cut short"],
+)
+def test_a_damaged_keys_file_is_an_error_that_names_it_and_quotes_no_key(tmp_path, damage, problem):
+    keys = {"primary": secrets.token_urlsafe(32), "secondary": secrets.token_urlsafe(32)}
+    (tmp_path / "keys.json").write_text(damage(keys))
+
+    with pytest.raises(DamagedKeysError) as raised:
+        read_keys(tmp_path)
+
+    message = str(raised.value)
+    assert f"{tmp_path / 'keys.json'} is damaged" in message and problem in message
+    assert not any(leaked_pieces(message, key) for key in keys.values()), message
+
+
+def test_the_local_backend_reports_a_damaged_keys_file_as_an_error_to_act_on(
+    endpoints, live, tmp_path, monkeypatch
+):
+    path = endpoints.root / live.name / "keys.json"
+    keys = json.loads(path.read_bytes())
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # LocalBackend points them at its own
+        monkeypatch.setenv(name, os.environ.get(name, ""))
+    backend = LocalBackend(AppSettings(PHI3_STATE_DIR=str(tmp_path)), restart_endpoints=False)
+    backend.endpoints = endpoints  # the backend over this module's endpoints
+    try:
+        path.write_text(json.dumps({"primary": keys["primary"]}))
+        with pytest.raises(BackendError, match=r"keys\.json is damaged") as raised:
+            backend.get_endpoint_keys(live.name)
+    finally:
+        write_json_atomic(path, keys, mode=0o600)
+    assert type(raised.value) is BackendError  # permanent: the activity reports it, nothing retries it
+    assert raised.value.__cause__ is None and raised.value.__context__ is not None
+    assert not any(leaked_pieces(str(raised.value), key) for key in keys.values())
 
 
 def test_a_regenerated_key_replaces_the_old_one_at_once(endpoints, live):

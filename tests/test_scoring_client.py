@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import secrets
 import socket
 import time
 from collections import Counter
@@ -31,6 +32,7 @@ from backends.scoring import (
     parse_chat_completions_response,
     parse_scoring_response,
 )
+from tests.support.redaction import STRADDLING_FILLER, leaked_pieces
 
 KEY = "k3y-" + "s" * 40
 MESSAGES = [{"role": "user", "content": "Hello?"}]
@@ -69,6 +71,10 @@ def _stub_app(stub: Stub) -> web.Application:
             "503": lambda: error(503, "no deployment receives traffic"),
             "garbage": lambda: web.Response(text="<html>proxy error</html>"),
             "wrong-shape": lambda: web.json_response({"predictions": ["Hi"]}),
+            # Careless servers that echo the Authorization header: in a 200 body of the wrong shape, and
+            # in an error message whose echo straddles the cut of the error excerpt.
+            "echo-200": lambda: web.json_response({"received": request.headers.get("Authorization", "")}),
+            "echo-late-401": lambda: error(401, STRADDLING_FILLER + request.headers.get("Authorization", "")),
         }
         if case == "flaky" and stub.hits[case] < 3:
             return error(503, "loading")
@@ -90,8 +96,12 @@ def _stub_app(stub: Stub) -> web.Application:
             {"choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi!"}}]}
         )
 
+    async def chat_completions_echo(request: web.Request) -> web.Response:
+        return web.json_response({"received": request.headers.get("Authorization", "")})
+
     app = web.Application()
     app.router.add_post("/serverless/chat/completions", chat_completions)
+    app.router.add_post("/echo-200/chat/completions", chat_completions_echo)
     app.router.add_post("/{case}", handle)
     return app
 
@@ -203,6 +213,25 @@ async def test_an_auth_error_never_repeats_the_key_even_when_the_server_echoes_i
         await client.chat(stub.uri("401"), KEY, MESSAGES)
     assert raised.value.status == 401
     assert KEY not in str(raised.value) and "***" in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("case", "contract", "error_type"),
+    [
+        ("echo-200", "mlflow", ScoringResponseError),
+        ("echo-200", "chat-completions", ScoringResponseError),
+        ("echo-late-401", "mlflow", ScoringAuthError),
+    ],
+)
+async def test_a_key_echoed_in_any_body_reaches_no_error_message_not_even_in_part(
+    stub, client, case, contract, error_type
+):
+    key = secrets.token_urlsafe(32)
+    with pytest.raises(error_type) as raised:
+        await client.chat(stub.uri(case), key, MESSAGES, contract=contract)
+    message = str(raised.value)
+    assert not leaked_pieces(message, key), message
+    assert "***" in message  # the echo was there, redacted where it stood
 
 
 async def test_throttling_carries_the_servers_retry_after(stub, client):

@@ -29,6 +29,7 @@ from backends.local.endpoints import (
     write_json_atomic,
 )
 from tests.support.polling import wait_for
+from tests.support.redaction import leaked_pieces
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -485,6 +486,21 @@ async def test_sighup_reloads_regenerated_keys(http, bare_server):
     new_status, _, _ = await score(http, bare_server, chat_body("hi"), key=data["primary"])
     assert old_status == 401
     assert new_status == 503  # accepted, but the bare endpoint has no traffic
+
+
+async def test_a_damaged_keys_file_is_ignored_on_reload_and_its_keys_stay_out_of_the_log(http, bare_server):
+    primary, secondary = bare_server.keys["primary"], bare_server.keys["secondary"]
+    # A hand edit gone wrong: a trailing comma after the last key.
+    damaged = json.dumps(bare_server.keys, indent=2)[:-2] + ",\n}"
+    (bare_server.dir / "keys.json").write_text(damaged)
+    bare_server.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload ignored" in bare_server.log_text(), timeout=30, what="the reload to be refused")
+
+    log_text = bare_server.log_text()
+    assert "keys.json is damaged" in log_text and "trailing comma" in log_text
+    assert not leaked_pieces(log_text, primary) and not leaked_pieces(log_text, secondary)
+    status, _, _ = await score(http, bare_server, chat_body("hi"), key=primary)
+    assert status == 503  # the key it had still opens the door (and the bare endpoint has no traffic)
 
 
 async def test_the_server_log_never_contains_a_key(http, server):

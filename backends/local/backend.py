@@ -34,6 +34,7 @@ from backends.protocol import (
 from pipeline.config import PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
 from settings import AppSettings
 
+from .endpoint_state import DamagedKeysError
 from .endpoints import (
     DeploymentNotFoundError,
     EndpointNotFoundError,
@@ -325,6 +326,8 @@ class LocalBackend:
             keys = self.endpoints.get_keys(name)
         except EndpointNotFoundError as exc:
             raise NotFoundError(f"no endpoint named '{name}'") from exc
+        except DamagedKeysError as exc:
+            raise BackendError(str(exc)) from None
         return EndpointKeys(primary=keys.primary, secondary=keys.secondary)
 
     def list_endpoints(self) -> list[EndpointState]:

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
 ProvisioningState = Literal["Creating", "Updating", "Succeeded", "Failed", "Deleting"]
 KeyName = Literal["primary", "secondary"]
@@ -44,10 +44,17 @@ class EndpointConfig(BaseModel):
 
 
 class EndpointKeys(BaseModel):
-    """An endpoint's keys. ``SecretStr`` keeps them out of repr, str and logs."""
+    """An endpoint's keys. ``SecretStr`` keeps them out of repr, str and logs; a damaged keys.json's
+    validation error leaves its input out too (it would quote the keys)."""
 
+    model_config = ConfigDict(hide_input_in_errors=True)
     primary: SecretStr
     secondary: SecretStr
+
+
+class DamagedKeysError(ValueError):
+    """keys.json cannot be read as an endpoint's keys. The message names the file and what is wrong
+    with it, never its content."""
 
 
 class ServerRecord(BaseModel):
@@ -73,7 +80,18 @@ def read_endpoint_config(endpoint_dir: Path) -> EndpointConfig:
 
 
 def read_keys(endpoint_dir: Path) -> EndpointKeys:
-    return EndpointKeys.model_validate_json((endpoint_dir / "keys.json").read_bytes())
+    path = endpoint_dir / "keys.json"
+    try:
+        return EndpointKeys.model_validate_json(path.read_bytes())
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(map(str, problem['loc'])) or 'the file'}: {problem['msg']}"
+            for problem in error.errors(include_input=False)
+        )
+        raise DamagedKeysError(
+            f"{path} is damaged ({problems}); its keys cannot be read: delete the endpoint, and the next "
+            "run creates it again with new keys"
+        ) from None
 
 
 def _proc_stat(pid: int) -> tuple[str, int] | None:

@@ -123,7 +123,7 @@ def answer_with_phi3(
     if deployment:
         headers["azureml-model-deployment"] = deployment  # Azure ML's header to pick one deployment
     payload = _post(url, key, json.dumps(body).encode("utf-8"), headers, timeout_s=float(timeout_s))
-    return _answer(payload, f"scoring endpoint {_describe(url)}", contract)
+    return _answer(payload, f"scoring endpoint {_describe(url)}", key, contract)
 
 
 def conversation_messages(question: str, chat_history: list | None, *, max_prompt_chars: int) -> list[dict]:
@@ -205,12 +205,12 @@ def _post(endpoint: str, key: str, data: bytes, headers: dict[str, str], *, time
     return payload
 
 
-def _answer(payload: bytes, where: str, contract: str = "mlflow") -> str:
+def _answer(payload: bytes, where: str, key: str, contract: str = "mlflow") -> str:
     try:
         body: Any = json.loads(payload)
     except ValueError:
         raise MalformedAnswerError(
-            f"{where} answered with a body that is not JSON: {_excerpt(payload)!r}"
+            f"{where} answered with a body that is not JSON: {_excerpt(payload, key)!r}"
         ) from None
     if contract == "chat-completions":
         try:
@@ -219,18 +219,18 @@ def _answer(payload: bytes, where: str, contract: str = "mlflow") -> str:
             answer = None
         if not isinstance(answer, str):
             raise MalformedAnswerError(
-                f"{where} answered {_excerpt(payload)!r}; expected choices[0].message.content"
+                f"{where} answered {_excerpt(payload, key)!r}; expected choices[0].message.content"
             )
         return answer
     if not isinstance(body, dict) or not isinstance(body.get("output"), str):
         raise MalformedAnswerError(
-            f'{where} answered {_excerpt(payload)!r}; the scoring contract is {{"output": "<string>"}}'
+            f'{where} answered {_excerpt(payload, key)!r}; the scoring contract is {{"output": "<string>"}}'
         )
     return body["output"]
 
 
 def _error_for_status(status: int, payload: bytes, headers: Any, where: str, key: str) -> EndpointError:
-    detail = _excerpt(payload).replace(key, "***") or "(empty body)"  # in case a server echoes the key
+    detail = _excerpt(payload, key) or "(empty body)"
     if status in (401, 403):
         return EndpointAuthError(
             f"{where} refused the key (HTTP {status}: {detail}); the connection's 'key' is wrong or was "
@@ -272,6 +272,8 @@ def _describe(uri: str) -> str:
     return f"{parts.scheme}://{parts.netloc}{parts.path}"  # no query string: it could carry a credential
 
 
-def _excerpt(payload: bytes) -> str:
-    text = payload.decode("utf-8", errors="replace").strip()
+def _excerpt(payload: bytes, key: str) -> str:
+    """The body, shortened, for an error message; the key redacted first, in case a server echoed it
+    (redacting after shortening would miss a key cut in two)."""
+    text = payload.decode("utf-8", errors="replace").replace(key, "***").strip()
     return text if len(text) <= _ERROR_TEXT_LIMIT else text[:_ERROR_TEXT_LIMIT] + "…"
