@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -163,16 +164,46 @@ def _read_jsonl(path: Path) -> Iterator[SourceRow]:
             origin = RowOrigin(path.name, row, line_number)
             row += 1
             try:
-                yield SourceRow(origin, json.loads(raw))
+                value = json.loads(raw)
             except UnicodeDecodeError as error:
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_ENCODING, _bad_utf8(error)))
+                continue
             except json.JSONDecodeError as error:
                 message = f"not valid JSON: {error.msg} at column {error.colno}"
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
+                continue
+            except RecursionError:
+                message = "not valid JSON here: nested too deeply"
+                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
+                continue
+            except ValueError as error:  # e.g. a number of more than 4300 digits
+                message = f"not valid JSON here: {str(error).split(';')[0]}"
+                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
+                continue
+            lone = _lone_surrogate(value) if _SURROGATE_HINT.search(raw) else None
+            if lone is not None:
+                message = (
+                    f"contains \\u{ord(lone):04x}, half of a UTF-16 surrogate pair and not text (a tool "
+                    "cut a character in two?); fix or drop the row"
+                )
+                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_ENCODING, message))
+                continue
+            yield SourceRow(origin, value)
 
 
 def _bad_utf8(error: UnicodeDecodeError) -> str:
     return f"not valid UTF-8 (byte {error.start + 1}); save the file as UTF-8"
+
+
+# json.loads lets surrogates through: escaped (\ud83d) and, from bytes, encoded (ED A0 BD). A pair makes
+# one character; what is left alone cannot be encoded as UTF-8 later. The hint keeps clean lines cheap.
+_SURROGATE_HINT = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _lone_surrogate(value: Any) -> str | None:
+    found = _SURROGATE.search(json.dumps(value, ensure_ascii=False))
+    return found.group() if found else None
 
 
 def _read_parquet(path: Path) -> Iterator[SourceRow]:

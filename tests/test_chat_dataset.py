@@ -145,6 +145,23 @@ BAD_ROWS = [
     pytest.param(chat("hi", "word " * 200), ProblemReason.TOO_LONG, "messages", id="too_long"),
     pytest.param(b'{"messages": [', ProblemReason.INVALID_JSON, "", id="invalid_json"),
     pytest.param(b'{"messages": "caf\xe9"}', ProblemReason.INVALID_ENCODING, "", id="invalid_encoding"),
+    # Half of an emoji's UTF-16 pair, escaped or as (CESU-8) bytes: JSON lets it in, UTF-8 cannot hold it.
+    pytest.param(
+        b'{"messages": [{"role": "user", "content": "hi \\ud83d"}]}',
+        ProblemReason.INVALID_ENCODING,
+        "",
+        id="lone_surrogate_escaped",
+    ),
+    pytest.param(
+        b'{"messages": [{"role": "user", "content": "hi \xed\xa0\xbd"}]}',
+        ProblemReason.INVALID_ENCODING,
+        "",
+        id="lone_surrogate_bytes",
+    ),
+    pytest.param(b"[" * 100_000 + b"]" * 100_000, ProblemReason.INVALID_JSON, "", id="nested_too_deeply"),
+    pytest.param(
+        b'{"messages": [], "n": ' + b"9" * 5000 + b"}", ProblemReason.INVALID_JSON, "", id="huge_number"
+    ),
 ]
 
 
@@ -160,6 +177,19 @@ def test_a_bad_row_is_reported_with_its_line_number_reason_and_field(
     problems = raised.value.report.first_problems
     assert [(p.source, p.line, p.reason, p.field) for p in problems] == [("chats.jsonl", 3, reason, field)]
     assert f"chats.jsonl line 3: {problems[0].message}" in str(raised.value)
+
+
+def test_a_surrogate_pair_is_one_character_and_not_a_problem(tmp_path: Path) -> None:
+    path = tmp_path / "chats.jsonl"
+    emoji = (
+        b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00?"}, '
+        b'{"role": "assistant", "content": "Ok"}]}'
+    )
+    path.write_bytes(b"\n".join([emoji, *(json.dumps(row).encode() for row in GOOD)]) + b"\n")
+
+    report = prepare(path, tmp_path / "out", max_tokens=256)
+
+    assert (report.rows_valid, report.rows_invalid) == (len(GOOD) + 1, 0)
 
 
 def test_an_unrecognized_role_message_names_the_field_and_the_allowed_roles() -> None:
