@@ -56,13 +56,21 @@ def health(req: func.HttpRequest) -> func.HttpResponse:
     return _json({"status": "ok", "backend": settings.backend})
 
 
+def _body_error(message: str) -> func.HttpResponse:
+    return _json({"errors": [{"field": "(body)", "message": message}]}, 400)
+
+
 @app.route(route="finetune", methods=["POST"])
 @app.durable_client_input(client_name="client")
 async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
     try:
         body = json.loads(req.get_body() or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        return _json({"errors": [{"field": "(body)", "message": f"not valid JSON: {exc}"}]}, 400)
+        return _body_error(f"not valid JSON: {exc}")
+    except RecursionError:
+        return _body_error("not valid JSON here: nested too deeply")
+    except ValueError as exc:  # valid JSON that Python will not read, e.g. a number of over 4300 digits
+        return _body_error(f"not valid JSON here: {str(exc).split(';')[0]}")
     settings = get_settings()
     try:
         cfg = parse_run_config(body, settings)

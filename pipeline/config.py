@@ -40,13 +40,18 @@ class ModelSection(_Section):
     )
 
 
+# The schedules the local trainer runs (Azure's fine-tuning component takes every Literal below).
+LOCAL_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
+MAX_SEED = 2**32 - 1  # numpy's random seeds stop there (torch's at 2**64 - 1)
+
+
 class DatasetSection(_Section):
     hub_id: str | None = "HuggingFaceH4/ultrachat_200k"
     config_name: str | None = None
     split: str = "train_sft[:1%]"
     files: list[str] | None = Field(None, min_length=1, description="JSONL/Parquet files (instead of hub_id)")
     test_size: float = Field(0.2, gt=0, lt=1)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
     drop_invalid_rows: bool = False
     max_tokens: int = Field(4096, ge=32, le=131072)
 
@@ -67,7 +72,7 @@ class Hyperparameters(_Section):
     lora_r: int = Field(16, ge=1, le=512)
     lora_alpha: int = Field(32, ge=1, le=1024)
     lora_dropout: float = Field(0.05, ge=0, lt=1)
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, le=MAX_SEED)
 
 
 class ComputeSection(_Section):
@@ -277,17 +282,24 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
     if hp.lora_alpha < hp.lora_r and hp.apply_lora:
         add("hyperparameters.lora_alpha", f"should be at least lora_r ({hp.lora_r}); the usual choice is 2×r")
     flow_dir = resolve_project_path(cfg.promptflow.flow)
-    if not (flow_dir / "flow.dag.yaml").is_file():
-        add("promptflow.flow", f"{cfg.promptflow.flow} is not a Prompt flow folder (no flow.dag.yaml)")
+    if not _is_file(flow_dir / "flow.dag.yaml"):
+        flow = _shown(cfg.promptflow.flow)
+        add("promptflow.flow", f"{flow} is not a Prompt flow folder (no flow.dag.yaml)")
     if cfg.dataset.files is None and not cfg.dataset.hub_id:
         add("dataset", "give either dataset.hub_id (with split) or dataset.files")
     for i, name in enumerate(cfg.dataset.files or []):
-        if not resolve_project_path(name).is_file():
-            add(f"dataset.files[{i}]", f"no such file: {name}")
-        elif not name.endswith((".jsonl", ".json", ".parquet")):
+        if not _is_file(resolve_project_path(name)):
+            add(f"dataset.files[{i}]", f"no such file: {_shown(name)}")
+        elif not name.endswith((".jsonl", ".parquet")):
             add(f"dataset.files[{i}]", "must be a .jsonl or .parquet file")
     if settings.backend == "local":
         problems += _local_model_problems(cfg.model.name, settings)
+        if hp.lr_scheduler_type not in LOCAL_SCHEDULERS:
+            add(
+                "hyperparameters.lr_scheduler_type",
+                f"'{hp.lr_scheduler_type}' is not supported by the local trainer; use one of "
+                f"{', '.join(LOCAL_SCHEDULERS)}",
+            )
     else:
         for field, value, setting in (
             (
@@ -324,12 +336,12 @@ def _local_model_problems(name: str, settings: AppSettings) -> list[ConfigProble
         ]
     path = Path(name)
     if path.is_absolute():
-        if (path / "config.json").is_file():
+        if _is_file(path / "config.json"):
             return []
         return [
             ConfigProblem(
                 field="model.name",
-                message=f"{name} is not a Hugging Face checkpoint directory (no config.json)",
+                message=f"{_shown(name)} is not a Hugging Face checkpoint directory (no config.json)",
             )
         ]
     return [
@@ -367,9 +379,28 @@ def row_token_limit(cfg: RunConfig) -> tuple[int, str]:
     return cfg.dataset.max_tokens, "dataset.max_tokens"
 
 
+def _is_file(path: Path) -> bool:
+    """Path.is_file, with a name the system refuses (too long, a NUL) counted as no file."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _shown(name: str, limit: int = 200) -> str:
+    """A user's path in a message, shortened if it is absurdly long."""
+    return name if len(name) <= limit else f"{name[:limit]}… ({len(name)} characters)"
+
+
 def resolve_project_path(name: str) -> Path:
     path = Path(name)
     return path if path.is_absolute() else PROJECT_ROOT / path
+
+
+def _unknown_preset(preset: Any) -> str:
+    if isinstance(preset, str):
+        return f"unknown preset {_shown(preset)!r}"
+    return f"must be a preset's name (a string), got {type(preset).__name__}"
 
 
 def parse_run_config(body: Any, settings: AppSettings) -> RunConfig:
@@ -379,13 +410,13 @@ def parse_run_config(body: Any, settings: AppSettings) -> RunConfig:
     if not isinstance(body, dict):
         raise InvalidRunConfig([ConfigProblem(field="(body)", message="must be a JSON object")])
     preset = body.get("preset")
-    if preset is not None and preset not in PRESETS:
+    if preset is not None and (not isinstance(preset, str) or preset not in PRESETS):
         raise InvalidRunConfig(
             [
                 ConfigProblem(
                     field="preset",
                     message=(
-                        f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)} or leave it out for "
+                        f"{_unknown_preset(preset)}; choose one of {', '.join(PRESETS)} or leave it out for "
                         "the tutorial's settings"
                     ),
                 )

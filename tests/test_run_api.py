@@ -89,6 +89,21 @@ def test_a_body_that_is_not_json_is_refused_with_a_clear_message(host):
     assert problems["(body)"].startswith("not valid JSON")
 
 
+@pytest.mark.parametrize(
+    ("body", "fragment"),
+    [
+        (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+        (b'{"hyperparameters": {"seed": ' + b"1" * 5000 + b"}}", "4300 digits"),
+    ],
+    ids=["nested too deeply", "a 5000-digit number"],
+)
+def test_json_that_python_will_not_read_is_refused_saying_why(host, body, fragment):
+    r = post_finetune(host, data=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text
+    message = errors_by_field(r)["(body)"]
+    assert message.startswith("not valid JSON here") and fragment in message
+
+
 def test_a_json_body_that_is_not_an_object_is_refused(host):
     r = post_finetune(host, json=["preset", "smoke"])
     assert r.status_code == 400, r.text

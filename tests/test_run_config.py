@@ -108,6 +108,21 @@ BAD_CONFIGS = [
     ({**SMOKE, "evaluation": {"sample_size": 0}}, "evaluation.sample_size", "greater than or equal to 1"),
     ({**SMOKE, "promptflow": {"connection_name": "has space"}}, "promptflow.connection_name", "pattern"),
     ({**SMOKE, "promptflow": {"flow": "flows/nope"}}, "promptflow.flow", "no flow.dag.yaml"),
+    # Names the system refuses (longer than a file name may be) are no file, not a crash.
+    ({**SMOKE, "promptflow": {"flow": "f" * 5000}}, "promptflow.flow", "(5000 characters) is not a Prompt"),
+    ({**SMOKE, "dataset": {"files": ["d" * 5000 + ".jsonl"]}}, "dataset.files[0]", "no such file"),
+    ({**SMOKE, "model": {"name": "/" + "m" * 5000}}, "model.name", "no config.json"),
+    # .json is not a format the dataset reader takes: refused before the run, not at prepare_dataset.
+    ({**SMOKE, "dataset": {"files": ["sample_data/support_facts.json"]}}, "dataset.files[0]", ".jsonl or"),
+    ({**SMOKE, "hyperparameters": {"seed": 2**64}}, "hyperparameters.seed", "less than or equal to 4294967"),
+    ({**SMOKE, "dataset": {"seed": -1}}, "dataset.seed", "greater than or equal to 0"),
+    (
+        {**SMOKE, "hyperparameters": {"lr_scheduler_type": "polynomial"}},
+        "hyperparameters.lr_scheduler_type",
+        "not supported by the local trainer",
+    ),
+    ({"preset": ["smoke"]}, "preset", "must be a preset's name (a string), got list"),
+    ({"preset": {"smoke": 1}}, "preset", "got dict"),
 ]
 
 
@@ -134,6 +149,11 @@ def test_schema_and_semantic_problems_are_reported_together(local):
 
 def test_body_must_be_an_object(local):
     assert "(body)" in problems([1, 2], local)
+
+
+def test_schedules_only_azure_runs_are_taken_there(azure):
+    cfg = parse_run_config({"hyperparameters": {"lr_scheduler_type": "polynomial"}}, azure)
+    assert cfg.hyperparameters.lr_scheduler_type == "polynomial"
 
 
 def test_unknown_preset_is_named(local):

@@ -31,7 +31,7 @@ from backends.protocol import (
     ResourceRef,
     SetupResult,
 )
-from pipeline.config import PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
+from pipeline.config import LOCAL_SCHEDULERS, PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
 from settings import AppSettings
 
 from .endpoint_state import DamagedKeysError
@@ -47,7 +47,6 @@ from .registry import LocalRegistry
 
 log = logging.getLogger(__name__)
 
-LOCAL_SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup")
 EXPERIMENT = "phi3-finetune"
 LOCAL_PUBLISH_SKIPPED = (
     "local backend: open flows/phi3_chat with `pf flow serve`/VS Code; "
