@@ -84,7 +84,8 @@ class AppSettings(BaseSettings):
     # Endpoint cleanup ---------------------------------------------------------------------------
     cleanup_schedule: str = Field("0 */30 * * * *", alias="CLEANUP_SCHEDULE")
     cleanup_dry_run: bool = Field(False, alias="CLEANUP_DRY_RUN")
-    endpoint_idle_minutes: int = Field(120, alias="ENDPOINT_IDLE_MINUTES")
+    # At least a minute: 0 or less would count an endpoint a run has just deployed as idle.
+    endpoint_idle_minutes: int = Field(120, ge=1, alias="ENDPOINT_IDLE_MINUTES")
     cleanup_delete_models: bool = Field(False, alias="CLEANUP_DELETE_MODELS")
 
     @property

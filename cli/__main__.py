@@ -126,6 +126,27 @@ def _follow_run(
     return 0
 
 
+def port_number(text: str) -> int:
+    """A TCP port for argparse: 0-65535 (0: any free port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a port number (0-65535; the default comes from DEVHOST_PORT when it is set)"
+        )
+    return port
+
+
+def state_folder(text: str) -> Path:
+    """A folder for the devhost's state: not a file (whether it can be made is known when it is made)."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text} exists and is not a folder")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -138,13 +159,15 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--run-id", default=None)
     p_run.add_argument(
         "--port",
-        type=int,
-        default=int(os.environ.get("DEVHOST_PORT", "7071")),
-        help="the devhost's port (default 7071; 0 = start a private devhost on any free port)",
+        type=port_number,
+        # A string default goes through `type` too, once parsing is done: a bad DEVHOST_PORT is an error
+        # that names it, and --help still works.
+        default=os.environ.get("DEVHOST_PORT", "7071"),
+        help="the devhost's port (default $DEVHOST_PORT or 7071; 0 = a private devhost on any free port)",
     )
     p_run.add_argument(
         "--devhost-state",
-        type=Path,
+        type=state_folder,
         default=None,
         help="the devhost's state folder when this starts one (default .devhost)",
     )

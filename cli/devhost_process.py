@@ -40,7 +40,11 @@ class ManagedDevhost:
         Port 0 always starts a private host on a free port; ``url`` then says which."""
         if self.port and self.running_here():
             return False
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            message = f"cannot make the devhost's state folder {self.state_dir}: {error.strerror}"
+            raise DevhostError(message) from None
         with self.log_path.open("a") as log:
             self.proc = subprocess.Popen(
                 [

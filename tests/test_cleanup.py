@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from pydantic import ValidationError
 
 from activities.steps import MANAGED_BY
 from backends.local.backend import LocalBackend
@@ -252,3 +253,10 @@ def test_local_registry_knows_its_own_versions_and_deletes_them(local: LocalBack
     local.delete_model_version("phi3-ft-aaa", "1")
     local.delete_model_version("phi3-ft-aaa", "1")
     assert [m.name for m in client.search_registered_models()] == ["their-model"]
+
+
+@pytest.mark.parametrize("minutes", ["0", "-5"])
+def test_an_idle_time_under_a_minute_is_refused_naming_the_setting(minutes):
+    # With 0 or less every managed endpoint would be idle, even one a run deployed a moment ago.
+    with pytest.raises(ValidationError, match="ENDPOINT_IDLE_MINUTES"):
+        AppSettings(ENDPOINT_IDLE_MINUTES=minutes)

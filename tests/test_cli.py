@@ -243,3 +243,46 @@ def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leav
     assert "canceled run" not in cli.output  # it had completed: nothing to cancel
     assert "Traceback" not in cli.output, cli.output[-3000:]
     assert_nothing_left_running(cli, pids)
+
+
+# -- options ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("argv", "environment", "fragment"),
+    [
+        (["--port", "abc"], {}, "argument --port: 'abc' is not a port number (0-65535"),
+        (["--port", "-1"], {}, "argument --port: '-1' is not a port number"),
+        (["--port", "65536"], {}, "argument --port: '65536' is not a port number"),
+        ([], {"DEVHOST_PORT": "abc"}, "'abc' is not a port number (0-65535; the default comes from DEVHOST"),
+        (["--devhost-state", "pyproject.toml"], {}, "--devhost-state: pyproject.toml exists and is not a"),
+    ],
+    ids=["not a number", "negative", "past 65535", "a bad DEVHOST_PORT", "a file as the state folder"],
+)
+def test_a_bad_option_is_a_usage_error_naming_it(argv, environment, fragment, monkeypatch, capsys):
+    from cli.__main__ import main
+
+    monkeypatch.chdir(PROJECT_ROOT)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        main(["run", *argv])
+    assert exited.value.code == 2
+    assert fragment in capsys.readouterr().err
+
+
+def test_help_works_even_with_a_bad_devhost_port_in_the_environment(monkeypatch, capsys):
+    from cli.__main__ import main
+
+    monkeypatch.setenv("DEVHOST_PORT", "abc")
+    with pytest.raises(SystemExit) as exited:
+        main(["run", "--help"])
+    assert exited.value.code == 0 and "--devhost-state" in capsys.readouterr().out
+
+
+def test_a_state_folder_that_cannot_be_made_is_reported_before_anything_starts(tmp_path, capsys):
+    from cli.__main__ import main
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert main(["run", "--port", "0", "--devhost-state", str(blocker / "state"), "--no-chat"]) == 2
+    printed = "".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal's width
+    assert f"cannotmakethedevhost'sstatefolder{blocker / 'state'}:Notadirectory" in printed
