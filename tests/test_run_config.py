@@ -121,6 +121,8 @@ BAD_CONFIGS = [
         "hyperparameters.lr_scheduler_type",
         "not supported by the local trainer",
     ),
+    ({**SMOKE, "hyperparameters": {"weight_decay": float("nan")}}, "hyperparameters.weight_decay", "finite"),
+    ({**SMOKE, "polling": {"backoff": float("inf")}}, "polling.backoff", "finite number"),
     ({"preset": ["smoke"]}, "preset", "must be a preset's name (a string), got list"),
     ({"preset": {"smoke": 1}}, "preset", "got dict"),
 ]
