@@ -1,4 +1,5 @@
-# Entry points. Every target creates/refreshes the virtualenv from the project's own files first.
+# Entry points. Every target but webchat and clean creates/refreshes the virtualenv from the project's
+# own files first.
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
