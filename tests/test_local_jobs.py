@@ -169,6 +169,41 @@ def test_submitting_a_running_job_again_returns_the_same_process(runner, long_jo
     assert trainer_pids(long_job.job_dir) == [long_job.pid]
 
 
+class HostKilled(BaseException):
+    """Stands in for SIGKILL of the host between two statements of submit()."""
+
+
+def test_a_submit_killed_after_starting_the_trainer_is_finished_by_the_retry_without_a_second_trainer(
+    runner, tmp_path, tracking_uri, facts_file, monkeypatch
+):
+    from backends.local import jobs
+
+    def killed_at_the_record(path: Path, text: str) -> None:
+        if path.name == jobs.RECORD_FILE:
+            raise HostKilled
+        real_write(path, text)
+
+    real_write = jobs.write_file_atomic
+    spec = tiny_spec(tmp_path, tracking_uri, facts_file[0], num_train_epochs=500, job_name="orphan")
+    first_host = LocalJobRunner(runner.jobs_dir.parent)
+    with monkeypatch.context() as patch:
+        patch.setattr(jobs, "write_file_atomic", killed_at_the_record)
+        with pytest.raises(HostKilled):
+            first_host.submit("orphan", spec)
+    job_dir = runner.jobs_dir / "orphan"
+    try:
+        [started] = wait_for(lambda: trainer_pids(job_dir), timeout=30, what="the killed submit's trainer")
+        wait_for(lambda: jobs.read_status(job_dir).status == "Running", timeout=300, what="it to be Running")
+
+        retried = runner.submit("orphan", spec)  # the activity's retry, from another host process
+
+        assert retried.pid == started and retried.status == "Running"  # adopted, its status left as it was
+        assert trainer_pids(job_dir) == [started]
+    finally:
+        for pid in trainer_pids(job_dir):  # what no record names, the runner fixture cannot cancel
+            os.killpg(pid, signal.SIGKILL)
+
+
 def test_canceling_a_running_job_stops_its_process_and_reports_canceled(runner, long_job, tracking_uri):
     canceled = runner.cancel("long")
 

@@ -129,6 +129,7 @@ def utc_now() -> datetime:
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the `backends` package
 RECORD_FILE, LOG_FILE = "job.json", Path("logs") / "std_log.txt"
+TRAINER_MODULE = "backends.local.trainer"
 VANISHED_ERROR = "trainer process exited unexpectedly (see logs/std_log.txt)"
 
 
@@ -168,13 +169,19 @@ class LocalJobRunner:
             if (job_dir / RECORD_FILE).is_file():
                 logger.info("job %s was already submitted; not starting it again", name)
                 return self.get(name)
-            write_file_atomic(job_dir / SPEC_FILE, spec.model_dump_json(indent=2))
-            write_status(job_dir, JobStatus(status="Queued"))
-            process = self._spawn(job_dir)
-            ticks = _start_ticks(process.pid)
-            record = JobRecord(name=name, pid=process.pid, process_start_ticks=ticks, submitted_at=utc_now())
+            # A submit killed between starting the trainer and writing its record left the trainer
+            # running (it has its own session): adopt it rather than start a second one.
+            pid = _live_trainer(job_dir) if (job_dir / SPEC_FILE).is_file() else None
+            if pid is not None:
+                logger.warning("job %s: adopting trainer pid %d, started by an unfinished submit", name, pid)
+            else:
+                write_file_atomic(job_dir / SPEC_FILE, spec.model_dump_json(indent=2))
+                write_status(job_dir, JobStatus(status="Queued"))
+                pid = self._spawn(job_dir).pid
+                logger.info("job %s started as pid %d", name, pid)
+            ticks = _start_ticks(pid)
+            record = JobRecord(name=name, pid=pid, process_start_ticks=ticks, submitted_at=utc_now())
             write_file_atomic(job_dir / RECORD_FILE, record.model_dump_json(indent=2))
-        logger.info("job %s started as pid %d", name, process.pid)
         return self.get(name)
 
     def get(self, name: str) -> JobInfo:
@@ -232,7 +239,7 @@ class LocalJobRunner:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
         with open(job_dir / LOG_FILE, "ab") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "backends.local.trainer", str(job_dir)],
+                [sys.executable, "-m", TRAINER_MODULE, str(job_dir)],
                 cwd=PROJECT_ROOT,
                 env=env,
                 stdin=subprocess.DEVNULL,
@@ -292,6 +299,24 @@ def _start_ticks(pid: int) -> int | None:
 def _is_zombie(pid: int) -> bool:
     fields = _proc_stat_fields(pid)
     return fields is not None and fields[0] in ("Z", "X")
+
+
+def _live_trainer(job_dir: Path) -> int | None:
+    """The pid of a live trainer process working in `job_dir` (found by its command line), if any."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return None  # no /proc (macOS): nothing to adopt, so a retry there may start a second trainer
+    wanted = [TRAINER_MODULE.encode(), str(job_dir).encode()]
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue  # exited while we looked, or not ours to read
+        if argv[-2:] == wanted and not _is_zombie(int(entry.name)):
+            return int(entry.name)
+    return None
 
 
 def _pid_exists(pid: int) -> bool:
