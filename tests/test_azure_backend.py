@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from backends.azure import deploy
 from backends.azure.backend import AzureBackend
+from backends.protocol import RegisteredModel
 from pipeline.config import RunConfig
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
@@ -100,3 +103,40 @@ def test_a_role_granted_earlier_under_another_name_counts_as_granted(
         "AcrPull": "created",
     }
     assert [e.status for e in fake_azure.server.exchanges if e.route == "role-assignment"] == [409, 201, 201]
+
+
+@dataclass
+class StallFirst:
+    """A fault plan: the first `method` on `route` is applied, but its answer comes too late."""
+
+    method: str
+    route: str
+    stalled: list[str] = field(default_factory=list)
+
+    def __call__(self, req, route: str) -> str | None:
+        if (req.method, route) == (self.method, self.route) and not self.stalled:
+            self.stalled.append(req.path)
+            return "stall"
+        return None
+
+
+def test_a_serverless_endpoint_whose_create_answer_was_lost_is_taken_as_created(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE, region="eastus2")
+    seed.model_version(fake_azure, ws, "phi3-ft-0a2c2c", "1", {})
+    guid = fake_azure.store.get(ws, "workspace")["properties"]["workspaceId"]
+    model = RegisteredModel(
+        name="phi3-ft-0a2c2c",
+        version="1",
+        uri=f"azureml://locations/eastus2/workspaces/{guid}/models/phi3-ft-0a2c2c/versions/1",
+    )
+    fake_azure.server.fault_plan = plan = StallFirst("PUT", "serverless-endpoint")
+
+    state = deploy.ensure_serverless_endpoint(
+        azure_backend._clients(), "phi3ft-0a2c2c", {"run-id": "r"}, model, "eastus2"
+    )
+
+    assert plan.stalled  # the first PUT was applied, its answer lost; azure-core sent it again: 409
+    assert calls(fake_azure, "serverless-endpoint") == ["PUT 201", "PUT 409"]
+    assert state.name == "phi3ft-0a2c2c"

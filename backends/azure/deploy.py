@@ -260,10 +260,13 @@ def ensure_serverless_endpoint(
             try:
                 clients.ml.serverless_endpoints.begin_create_or_update(spec)
             except ResourceExistsError as exc:
-                raise BackendError(
-                    f"create serverless endpoint '{name}': the name is taken ({describe(exc, 200)}); set "
-                    "deployment.endpoint_name to another prefix"
-                ) from None
+                # Our own PUT landed and its answer was lost (azure-core retried it), or another endpoint
+                # has the name: only the second is an error.
+                if find_serverless_endpoint(clients, name) is None:
+                    raise BackendError(
+                        f"create serverless endpoint '{name}': the name is taken ({describe(exc, 200)}); "
+                        "set deployment.endpoint_name to another prefix"
+                    ) from None
         existing = find_serverless_endpoint(clients, name)
     return endpoint_state(existing, serverless=True)
 
