@@ -15,7 +15,15 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from backends.protocol import DataAssets, MLBackend, NotFoundError, RegisteredModel, ResourceRef, SetupResult
+from backends.protocol import (
+    DataAssets,
+    MLBackend,
+    NotFoundError,
+    RegisteredModel,
+    ResourceRef,
+    SetupResult,
+    StillProvisioning,
+)
 from pipeline.chat_dataset import HubDataset, LocalFiles, load_rows, prepare_dataset
 from pipeline.config import LOCAL_BASE_MODELS, RunConfig, resolve_project_path, row_token_limit
 from pipeline.steps import StepResult
@@ -296,18 +304,34 @@ def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
 
 
 def cleanup_run(payload: dict, backend: MLBackend) -> dict:
-    """Delete what a failed run created (when the config asks): deployments go with their endpoint."""
-    actions = []
+    """Delete what a failed run created (when the config asks): deployments go with their endpoint.
+
+    Idempotent: what is not there is skipped. A deletion still under way after the backend's short
+    wait (an Azure endpoint takes minutes) is handed back in ``pending``, to be called again with those
+    refs and ``under_way: true`` after a durable timer (then "not there" means "deleted"); ``actions``
+    says what was done.
+    """
+    actions: list[str] = []
+    pending: list[dict] = []
+    under_way = bool(payload.get("under_way"))
     for ref in [ResourceRef.model_validate(r) for r in payload.get("created", [])]:
-        if ref.kind == "endpoint":
-            backend.delete_endpoint(ref.name)
-            actions.append(f"deleted endpoint {ref.name}")
-        elif ref.kind == "job":
-            job = backend.get_job(ref.name)
-            if not job.is_terminal:
-                backend.cancel_job(ref.name)
-                actions.append(f"canceled job {ref.name}")
-        elif ref.kind == "connection":
-            backend.delete_promptflow_connection(ref.name)
-            actions.append(f"deleted connection {ref.name}")
-    return {"actions": actions}
+        try:
+            if ref.kind == "endpoint":
+                backend.get_endpoint(ref.name)  # NotFoundError: nothing to delete
+                backend.delete_endpoint(ref.name)
+                actions.append(f"deleted endpoint {ref.name}")
+            elif ref.kind == "job":
+                if not backend.get_job(ref.name).is_terminal:
+                    backend.cancel_job(ref.name)
+                    actions.append(f"canceled job {ref.name}")
+            elif ref.kind == "connection":
+                backend.delete_promptflow_connection(ref.name)
+                actions.append(f"deleted connection {ref.name}")
+        except NotFoundError:
+            if under_way and ref.kind == "endpoint":
+                actions.append(f"deleted endpoint {ref.name}")
+            continue  # never made, or already gone
+        except StillProvisioning as still:
+            pending.append(ref.model_dump())
+            log.info("cleanup: %s %s is still under way: %s", ref.kind, ref.name, still)
+    return {"actions": actions, "pending": pending}

@@ -11,6 +11,7 @@ from datetime import timedelta
 import azure.durable_functions as df
 from pydantic import BaseModel
 
+from backends.protocol import ResourceRef
 from pipeline.config import RunConfig
 from pipeline.steps import RunProgress, StepResult
 
@@ -90,6 +91,36 @@ class PipelineRun:
             raise StepFailed(name, result.error or "failed")
         return result
 
+    def cleanup(self, refs: list[dict]):
+        """cleanup_run until nothing is pending (deletions under way are waited on with durable timers).
+
+        Never raises: the run has already failed, and that failure is what it reports; a cleanup that
+        cannot finish says so in its own record.
+        """
+        polling = self.run.config.polling
+        deadline = self.context.current_utc_datetime + CLEANUP_TIMEOUT
+        interval = polling.initial_seconds
+        actions: list[str] = []
+        under_way = False
+        while True:
+            try:
+                result = yield self.context.call_activity_with_retry(
+                    "cleanup_run", STEP_RETRY, self.payload() | {"created": refs, "under_way": under_way}
+                )
+            except Exception as exc:  # retries exhausted
+                return {"actions": actions, "error": _activity_error(exc), "left": refs}
+            actions += result.get("actions", [])
+            refs, under_way = result.get("pending") or [], True
+            if not refs:
+                return {"actions": actions}
+            now = self.context.current_utc_datetime
+            if now >= deadline:
+                return {"actions": actions, "error": "deletions still under way after 2 h", "left": refs}
+            self.progress.outputs["cleanup"] = {"actions": actions, "pending": refs}
+            self.publish()
+            yield self.context.create_timer(now + timedelta(seconds=interval))
+            interval = min(interval * polling.backoff, polling.max_seconds)
+
     def skip(self, name: str, reason: str) -> None:
         now = self.context.current_utc_datetime
         self.progress.begin(name, now)
@@ -130,6 +161,23 @@ class PipelineRun:
         if not result.ok:
             raise StepFailed(name, result.error or "failed")
         return result
+
+
+# What a step creates under the run's own names. When such a step fails, its result (the record of what
+# it made) never comes back, yet the thing may exist: a job submitted before a later call failed, an
+# endpoint created that never became ready. Cleanup deletes these too, if they exist.
+CREATES_UNDER_RUN_NAMES = {"submit_finetune": "job", "endpoint": "endpoint"}
+CLEANUP_TIMEOUT = timedelta(hours=2)
+
+
+def cleanup_refs(created: list[ResourceRef], failed_step: str, names: dict[str, str]) -> list[dict]:
+    refs = list(created)
+    kind = CREATES_UNDER_RUN_NAMES.get(failed_step)
+    if kind and names.get(kind):
+        attempted = ResourceRef(kind=kind, name=names[kind])
+        if attempted not in refs:
+            refs.append(attempted)
+    return [ref.model_dump() for ref in refs]
 
 
 def _activity_error(exc: Exception) -> str:
@@ -187,14 +235,11 @@ def finetune_pipeline(context: df.DurableOrchestrationContext):
             yield from pipeline.step("remove_base_deployment")
     except StepFailed as failure:
         progress.fail(failure.step, failure.message)
-        if run.config.cleanup_on_failure and progress.created:
-            cleanup = yield context.call_activity_with_retry(
-                "cleanup_run",
-                STEP_RETRY,
-                pipeline.payload() | {"created": [r.model_dump() for r in progress.created]},
-            )
-            progress.outputs["cleanup"] = cleanup
         pipeline.publish()
+        refs = cleanup_refs(progress.created, failure.step, run.names)
+        if run.config.cleanup_on_failure and refs:
+            progress.outputs["cleanup"] = yield from pipeline.cleanup(refs)
+            pipeline.publish()
         raise
     progress.status, progress.stage, progress.current_step = "Completed", None, None
     pipeline.publish()

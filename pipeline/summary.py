@@ -35,6 +35,8 @@ class RunSummary(BaseModel):
     evaluation: dict[str, Any] | None = None
     created_resources: list[dict[str, Any]] = Field(default_factory=list)
     error: dict[str, Any] | None = None
+    # With cleanup_on_failure: what a failed run's cleanup did, and what it could not finish.
+    cleanup: dict[str, Any] | None = None
 
 
 def _time(value: Any) -> str | None:
@@ -73,6 +75,7 @@ def build_summary(
         published_flow=outputs.get("published_flow"),
         created_resources=progress.get("created", []),
         error=progress.get("error"),
+        cleanup=outputs.get("cleanup"),
     )
     if summary.status in ("Running", "Pending"):
         _merge_live_waits(summary, waits)

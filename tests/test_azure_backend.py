@@ -140,3 +140,30 @@ def test_a_serverless_endpoint_whose_create_answer_was_lost_is_taken_as_created(
     assert plan.stalled  # the first PUT was applied, its answer lost; azure-core sent it again: 409
     assert calls(fake_azure, "serverless-endpoint") == ["PUT 201", "PUT 409"]
     assert state.name == "phi3ft-0a2c2c"
+
+
+def test_cleanup_hands_back_a_deletion_under_way_and_finishes_it_when_called_again(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    from datetime import UTC, datetime
+
+    from activities.steps import cleanup_run
+
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    seed.online_endpoint(fake_azure, ws, "phi3ft-gone", tags={}, created_at=datetime.now(UTC))
+    fake_azure.config.lro_polls = 6  # Azure deletes an endpoint in minutes; a step waits seconds
+    azure_backend.wait_s = 0.01
+    refs = [
+        {"kind": "endpoint", "name": "phi3ft-gone"},
+        {"kind": "job", "name": "phi3ft-never-submitted"},  # a failed submit: maybe made, here not
+    ]
+
+    first = cleanup_run({"created": refs}, azure_backend)
+    results = [first]
+    while results[-1]["pending"] and len(results) < 20:
+        results.append(cleanup_run({"created": results[-1]["pending"], "under_way": True}, azure_backend))
+
+    assert first["actions"] == [] and [r["name"] for r in first["pending"]] == ["phi3ft-gone"]
+    assert results[-1] == {"actions": ["deleted endpoint phi3ft-gone"], "pending": []}
+    assert calls(fake_azure, "online-endpoint").count("DELETE 202") >= 1
+    assert fake_azure.store.find(f"{ws}/onlineEndpoints/phi3ft-gone") is None

@@ -11,7 +11,7 @@ import requests
 
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.faults import FirstCallFails
-from tests.fake_arm.hosting import ONE_OF_EACH, AzureHost, finished, one_of_each, run_body
+from tests.fake_arm.hosting import ONE_OF_EACH, AzureHost, finished, one_of_each, resources, run_body
 
 pytestmark = pytest.mark.slow
 
@@ -162,3 +162,27 @@ def test_provisioning_longer_than_a_steps_wait_is_waited_on_with_durable_timers(
     assert any(e["EventType"] == "TimerCreated" for e in history)
     assert one_of_each(fake_azure) == ONE_OF_EACH  # calling a step again never made a second resource
     assert "AZURE_SETUP_WAIT_SECONDS" in host.log_text()  # the hand-back is logged, not silent
+
+
+def test_a_failed_run_cleans_up_waiting_on_durable_timers_for_the_endpoint_to_be_deleted(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    fake_azure.config.lro_polls = 6  # deleting the endpoint outlasts the step's wait below
+    host = AzureHost(fake_azure, tmp_path)
+    host.env["AZURE_SETUP_WAIT_SECONDS"] = "0.01"
+    host.start()
+    try:
+        body = run_body("az-cleanup", cleanup_on_failure=True, promptflow={"flow": "tests/apps/broken_flow"})
+        done = host.run_to_end(body, timeout=420)
+    finally:
+        host.stop()
+    assert done["status"] == "Failed" and done["error"]["step"] == "flow_smoke", json.dumps(done["error"])
+    assert "cannot load the flow" in done["error"]["message"]  # the run's own failure, not the cleanup's
+    endpoint = done["endpoint"]["name"]
+    assert sorted(done["cleanup"]["actions"]) == [
+        f"deleted connection {done['connection']['name']}",
+        f"deleted endpoint {endpoint}",
+    ]
+    assert "error" not in done["cleanup"]
+    assert resources(fake_azure, "Microsoft.MachineLearningServices/workspaces/onlineEndpoints") == []
+    assert f"cleanup: endpoint {endpoint} is still under way" in host.log_text()  # it did hand back

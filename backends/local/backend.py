@@ -228,7 +228,7 @@ class LocalBackend:
         try:
             return self._job_state(self.jobs.cancel(job_name))
         except JobNotFoundError as exc:
-            raise BackendError(f"no fine-tune job named '{job_name}'") from exc
+            raise NotFoundError(f"no fine-tune job named '{job_name}'") from exc
 
     @staticmethod
     def _job_state(info) -> JobState:
