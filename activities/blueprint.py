@@ -37,7 +37,7 @@ def _run(name: str, fn: Callable[[steps.StepInput, MLBackend], StepResult], payl
     try:
         result = fn(inp, get_backend())
     except StillProvisioning as exc:  # the orchestrator calls the step again after a durable timer
-        result = StepResult(pending=str(exc))
+        result = StepResult(pending=str(exc), created=exc.created)
     except _permanent_errors() as exc:
         result = StepResult(ok=False, error=str(exc))
     outcome = (

@@ -8,7 +8,8 @@ history); secrets come back only from ``get_endpoint_keys``, never from any othe
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
@@ -46,7 +47,25 @@ class NotFoundError(BackendError):
 class StillProvisioning(Exception):
     """An operation the step started is still under way after the step's short wait. The step hands back
     to the orchestrator, which calls it again after a durable timer (the step is idempotent, so the call
-    picks the operation up where Azure is) — no activity sits on a long poller."""
+    picks the operation up where Azure is) — no activity sits on a long poller.
+
+    ``created``: what the call created before handing back. The call that finishes the step finds those
+    resources already there, so this is the only record that this run made them.
+    """
+
+    def __init__(self, *args: object, created: list[ResourceRef] | None = None) -> None:
+        super().__init__(*args)
+        self.created: list[ResourceRef] = list(created or [])
+
+
+@contextmanager
+def hands_back_with(created: list[ResourceRef]) -> Iterator[None]:
+    """Whatever `created` holds when the block hands back (StillProvisioning) goes with the hand-back."""
+    try:
+        yield
+    except StillProvisioning as pending:
+        pending.created.extend(ref for ref in created if ref not in pending.created)
+        raise
 
 
 class ResourceRef(BaseModel):

@@ -78,10 +78,12 @@ class PipelineRun:
             now = self.context.current_utc_datetime
             if now >= deadline:
                 result = StepResult(
-                    ok=False, error=f"still under way after {polling.timeout_hours} h: {result.pending}"
+                    ok=False,
+                    error=f"still under way after {polling.timeout_hours} h: {result.pending}",
+                    created=result.created,
                 )
                 break
-            self.progress.still_pending(name, result.pending)
+            self.progress.still_pending(name, result.pending, result.created)
             self.publish()
             yield self.context.create_timer(now + timedelta(seconds=interval))
             interval = min(interval * polling.backoff, polling.max_seconds)

@@ -91,10 +91,16 @@ class RunProgress(BaseModel):
             record.status, record.summary = "skipped", result.skipped
         else:
             record.status, record.summary = "succeeded", result.summary
-        self.created.extend(r for r in result.created if r not in self.created)
+        self.record_created(result.created)
         self.outputs.update(result.outputs)
 
-    def still_pending(self, name: str, note: str) -> None:
+    def record_created(self, refs: list[ResourceRef]) -> None:
+        self.created.extend(r for r in refs if r not in self.created)
+
+    def still_pending(self, name: str, note: str, created: list[ResourceRef] | None = None) -> None:
+        """The step handed back; what it created before that is recorded now (the call that finishes
+        the step finds it already there)."""
+        self.record_created(created or [])
         record = self.step(name)
         record.checks = (record.checks or 0) + 1
         record.summary = f"waiting: {note}"

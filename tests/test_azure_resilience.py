@@ -11,7 +11,16 @@ import requests
 
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.faults import FirstCallFails
-from tests.fake_arm.hosting import ONE_OF_EACH, AzureHost, finished, one_of_each, resources, run_body
+from tests.fake_arm.hosting import (
+    ONE_OF_EACH,
+    RESOURCE_GROUP,
+    WORKSPACE,
+    AzureHost,
+    finished,
+    one_of_each,
+    resources,
+    run_body,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -162,6 +171,15 @@ def test_provisioning_longer_than_a_steps_wait_is_waited_on_with_durable_timers(
     assert any(e["EventType"] == "TimerCreated" for e in history)
     assert one_of_each(fake_azure) == ONE_OF_EACH  # calling a step again never made a second resource
     assert "AZURE_SETUP_WAIT_SECONDS" in host.log_text()  # the hand-back is logged, not silent
+    # What a step created before handing back is this run's, though the call that finished it found it.
+    created = {(r["kind"], r["name"]) for r in done["created_resources"]}
+    assert {
+        ("resource_group", RESOURCE_GROUP),
+        ("workspace", WORKSPACE),
+        ("workspace", f"{WORKSPACE}-hub"),  # the Foundry hub + project the flow is published to
+        ("compute", "gpu-a100"),
+        ("endpoint", done["endpoint"]["name"]),
+    } <= created, sorted(created)
 
 
 def test_a_failed_run_cleans_up_waiting_on_durable_timers_for_the_endpoint_to_be_deleted(

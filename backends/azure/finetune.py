@@ -13,7 +13,15 @@ import logging
 
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
 
-from backends.protocol import BackendError, ComputeInfo, DataAssets, JobState, RegisteredModel, ResourceRef
+from backends.protocol import (
+    BackendError,
+    ComputeInfo,
+    DataAssets,
+    JobState,
+    RegisteredModel,
+    ResourceRef,
+    hands_back_with,
+)
 from pipeline.config import Hyperparameters, RunConfig
 
 from .catalog import BaseModel, PipelineComponent
@@ -57,7 +65,7 @@ def ensure_cluster(clients: AzureClients, cfg: RunConfig, budget_s: float) -> Co
     """Get-or-create the cluster; one that is (or ends up) Failed is deleted and created once more."""
     spec = cfg.compute
     created: list[ResourceRef] = []
-    with azure_errors(f"create compute cluster '{spec.name}'"):
+    with azure_errors(f"create compute cluster '{spec.name}'"), hands_back_with(created):
         for attempt in (1, 2):
             try:
                 existing = clients.ml.compute.get(spec.name)

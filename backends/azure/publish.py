@@ -34,7 +34,7 @@ from pathlib import Path
 import yaml
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
-from backends.protocol import BackendError, ResourceRef
+from backends.protocol import BackendError, ResourceRef, hands_back_with
 from pipeline.config import RunConfig
 
 from . import setup
@@ -102,22 +102,23 @@ def ensure_project(
             )
         return FoundryProject(name=existing.name, hub=None, location=existing.location), []
     tags = dict(setup.MANAGED_BY_TAG)
-    hub, hub_created = setup._ensure_named_workspace(
-        clients, place.hub, lambda: Hub(name=place.hub, location=location, tags=tags), budget_s
-    )
-    if hub.kind != "hub":
-        raise BackendError(
-            f"'{place.hub}' is an Azure ML {hub.kind} workspace, not an Azure AI Foundry hub; set "
-            "promptflow.hub to a hub's name (or a new name to create one)"
+    refs: list[ResourceRef] = []
+    with hands_back_with(refs):
+        hub = setup._ensure_named_workspace(
+            clients, place.hub, lambda: Hub(name=place.hub, location=location, tags=tags), budget_s, refs
         )
-    project, project_created = setup._ensure_named_workspace(
-        clients,
-        place.project,
-        lambda: Project(name=place.project, hub_id=hub.id, location=location, tags=tags),
-        budget_s,
-    )
-    made = ((place.hub, hub_created), (place.project, project_created))
-    refs = [ResourceRef(kind="workspace", name=name) for name, was in made if was]
+        if hub.kind != "hub":
+            raise BackendError(
+                f"'{place.hub}' is an Azure ML {hub.kind} workspace, not an Azure AI Foundry hub; set "
+                "promptflow.hub to a hub's name (or a new name to create one)"
+            )
+        project = setup._ensure_named_workspace(
+            clients,
+            place.project,
+            lambda: Project(name=place.project, hub_id=hub.id, location=location, tags=tags),
+            budget_s,
+            refs,
+        )
     return FoundryProject(name=project.name, hub=hub.name, location=project.location), refs
 
 

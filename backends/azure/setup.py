@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from azure.core.exceptions import HttpResponseError, ResourceExistsError, ResourceNotFoundError
 from azure.core.rest import HttpRequest
 
-from backends.protocol import BackendError, ResourceRef
+from backends.protocol import BackendError, ResourceRef, hands_back_with
 
 from .clients import AzureClients
 from .errors import ProvisioningPending, azure_errors, describe, error_code, wait_until
@@ -144,13 +144,17 @@ def _deployment_state(clients: AzureClients, deployment_id: str) -> tuple[str, s
 
 
 def _ensure_named_workspace(
-    clients: AzureClients, name: str, make_entity: Callable[[], object], budget_s: float
-) -> tuple[WorkspaceInfo, bool]:
-    """Get-or-create one workspace/hub/project; never a second template while one is running."""
+    clients: AzureClients,
+    name: str,
+    make_entity: Callable[[], object],
+    budget_s: float,
+    created: list[ResourceRef],
+) -> WorkspaceInfo:
+    """Get-or-create one workspace/hub/project; never a second template while one is running. A create
+    this call starts goes into `created` at once, before the wait that may hand back."""
     found = read_workspace(clients, name)
     if found is not None:
-        return found, False
-    created = False
+        return found
     with azure_errors(f"create workspace '{name}'"):
         in_flight = _running(_template_deployments(clients, name))
         if in_flight is None:
@@ -159,7 +163,7 @@ def _ensure_named_workspace(
                 clients.ml_resource_group.workspaces.begin_create(make_entity())
             except ResourceExistsError:
                 log.info("a template deployment of workspace %s is already running (a retried request)", name)
-            created = True
+            created.append(ResourceRef(kind="workspace", name=name))
             in_flight = _running(_template_deployments(clients, name))
         if in_flight is not None:
             wait_until(
@@ -170,16 +174,24 @@ def _ensure_named_workspace(
     found = read_workspace(clients, name)
     if found is None:
         raise ProvisioningPending(f"workspace '{name}' is not readable yet after its deployment finished")
-    return found, created
+    return found
 
 
 def ensure_workspace(
     clients: AzureClients, location: str, budget_s: float, *, foundry_project: bool = False
 ) -> tuple[WorkspaceInfo, list[ResourceRef]]:
-    """The run's workspace: an Azure ML workspace with a registry, or (serverless) a Foundry hub + project."""
+    """The run's workspace: an Azure ML workspace with a registry, or (serverless) a Foundry hub + project,
+    and what this call created (what it created before handing back goes with the hand-back)."""
+    created: list[ResourceRef] = []
+    with hands_back_with(created):
+        return _ensure_workspace(clients, location, budget_s, foundry_project, created)
+
+
+def _ensure_workspace(
+    clients: AzureClients, location: str, budget_s: float, foundry_project: bool, created: list[ResourceRef]
+) -> tuple[WorkspaceInfo, list[ResourceRef]]:
     from azure.ai.ml.entities import Hub, Project, Workspace
 
-    created: list[ResourceRef] = []
     name = clients.target.workspace
     if ensure_resource_group(clients, location):
         created.append(ResourceRef(kind="resource_group", name=clients.target.resource_group))
@@ -193,17 +205,16 @@ def ensure_workspace(
                 "workspace; set AZURE_ML_WORKSPACE to a project in eastus2 (or a new name to create one)"
             )
         hub_name = f"{name}-hub"
-        hub, hub_created = _ensure_named_workspace(
-            clients, hub_name, lambda: Hub(name=hub_name, location=location, tags=tags), budget_s
+        hub = _ensure_named_workspace(
+            clients, hub_name, lambda: Hub(name=hub_name, location=location, tags=tags), budget_s, created
         )
-        project, project_created = _ensure_named_workspace(
-            clients, name, lambda: Project(name=name, hub_id=hub.id, location=location, tags=tags), budget_s
+        project = _ensure_named_workspace(
+            clients,
+            name,
+            lambda: Project(name=name, hub_id=hub.id, location=location, tags=tags),
+            budget_s,
+            created,
         )
-        created += [
-            ResourceRef(kind="workspace", name=n)
-            for n, c in ((hub_name, hub_created), (name, project_created))
-            if c
-        ]
         return project, created
 
     def new_workspace() -> Workspace:
@@ -217,9 +228,7 @@ def ensure_workspace(
             tags=tags,
         )
 
-    workspace, was_created = _ensure_named_workspace(clients, name, new_workspace, budget_s)
-    if was_created:
-        created.append(ResourceRef(kind="workspace", name=name))
+    workspace = _ensure_named_workspace(clients, name, new_workspace, budget_s, created)
     if not workspace.container_registry:
         workspace = _attach_registry(
             clients, workspace, ensure_container_registry(clients, location, budget_s), budget_s
