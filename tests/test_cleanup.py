@@ -255,6 +255,18 @@ def test_local_registry_knows_its_own_versions_and_deletes_them(local: LocalBack
     assert [m.name for m in client.search_registered_models()] == ["their-model"]
 
 
+def test_registering_a_jobs_model_again_reuses_its_version(local: LocalBackend, tmp_path: Path):
+    registry = local.registry
+    assert registry.version_for_job("phi3-ft-bbb", "j") is None  # never registered: no versions, no error
+    uri = (tmp_path / "m").as_uri()
+
+    first = registry.register("phi3-ft-bbb", uri, job_name="j", mlflow_run_id=None, tags={})
+    again = registry.register("phi3-ft-bbb", uri, job_name="j", mlflow_run_id=None, tags={})
+
+    assert first == again and first.version == "1"
+    assert [str(v.version) for v in registry.client().search_model_versions("name='phi3-ft-bbb'")] == ["1"]
+
+
 @pytest.mark.parametrize("minutes", ["0", "-5"])
 def test_an_idle_time_under_a_minute_is_refused_naming_the_setting(minutes):
     # With 0 or less every managed endpoint would be idle, even one a run deployed a moment ago.

@@ -36,12 +36,9 @@ class LocalRegistry:
         }
 
     def version_for_job(self, model_name: str, job_name: str) -> RegisteredModel | None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            versions = self.client().search_model_versions(f"name='{model_name}'")
-        except MlflowException:
-            return None
+        # A model never registered has no versions: []. Any error (a locked store...) propagates and the
+        # step is retried: read as "none yet", it would register a second version.
+        versions = self.client().search_model_versions(f"name='{model_name}'")
         for mv in versions:
             if mv.tags.get("job_name") == job_name:
                 return _registered(model_name, mv.version)
