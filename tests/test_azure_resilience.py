@@ -180,6 +180,7 @@ def test_provisioning_longer_than_a_steps_wait_is_waited_on_with_durable_timers(
         ("compute", "gpu-a100"),
         ("endpoint", done["endpoint"]["name"]),
     } <= created, sorted(created)
+    assert [kind for kind, _ in created].count("container_registry") == 1  # the workspace needed one
 
 
 def test_a_failed_run_cleans_up_waiting_on_durable_timers_for_the_endpoint_to_be_deleted(

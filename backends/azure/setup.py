@@ -72,7 +72,11 @@ def ensure_resource_group(clients: AzureClients, location: str) -> bool:
     return True
 
 
-def ensure_container_registry(clients: AzureClients, location: str, budget_s: float) -> str:
+def ensure_container_registry(
+    clients: AzureClients, location: str, budget_s: float, created: list[ResourceRef]
+) -> str:
+    """The workspace's registry (workspaces.begin_create makes none); one this call creates goes into
+    `created` before the wait that may hand back."""
     from azure.mgmt.containerregistry.models import Registry, Sku
 
     registries = clients.container_registries.registries
@@ -89,6 +93,7 @@ def ensure_container_registry(clients: AzureClients, location: str, budget_s: fl
                 location=location, sku=Sku(name="Basic"), admin_user_enabled=False, tags=MANAGED_BY_TAG
             )
             registries.begin_create(rg, name, spec, polling=False)  # no poller thread; we poll below
+            created.append(ResourceRef(kind="container_registry", name=name))
             registry = None
         if registry is None or registry.provisioning_state != "Succeeded":
             wait_until(f"container registry '{name}'", state, budget_s=budget_s)
@@ -218,7 +223,7 @@ def _ensure_workspace(
         return project, created
 
     def new_workspace() -> Workspace:
-        registry = ensure_container_registry(clients, location, budget_s)  # begin_create makes none
+        registry = ensure_container_registry(clients, location, budget_s, created)  # begin_create makes none
         return Workspace(
             name=name,
             location=location,
@@ -231,7 +236,7 @@ def _ensure_workspace(
     workspace = _ensure_named_workspace(clients, name, new_workspace, budget_s, created)
     if not workspace.container_registry:
         workspace = _attach_registry(
-            clients, workspace, ensure_container_registry(clients, location, budget_s), budget_s
+            clients, workspace, ensure_container_registry(clients, location, budget_s, created), budget_s
         )
     return workspace, created
 
