@@ -44,6 +44,7 @@ from botframework.connector.auth import (
 )
 from msrest.exceptions import DeserializationError
 from msrest.universal_http.requests import ClientRetryPolicy
+from pydantic import ValidationError
 
 from bot.activity_json import activity_from_json, model_to_json
 from settings import AppSettings
@@ -65,6 +66,7 @@ APOLOGY = (
     "Sorry, something went wrong on my side while handling your message. I've cleared this "
     "conversation's state; please send it again."
 )
+TRY_AGAIN = "Sorry, something went wrong on my side while handling your message; please send it again."
 
 
 class BotConfigurationError(ValueError):
@@ -223,7 +225,8 @@ def create_adapter(
 def turn_error_handler(
     conversation_state: ConversationState,
 ) -> Callable[[TurnContext, Exception], Awaitable]:
-    """``on_turn_error``: log, apologise, and clear the conversation's state so the next turn starts clean."""
+    """``on_turn_error``: log and apologise; clear the conversation's state only when it is the state
+    that cannot be read (anything else — a store conflict, a failed send — leaves the history alone)."""
 
     async def on_turn_error(turn_context: TurnContext, error: Exception) -> None:
         activity = turn_context.activity
@@ -236,13 +239,15 @@ def turn_error_handler(
             error,
             exc_info=error,
         )
-        try:
-            await conversation_state.clear_state(turn_context)
-            await conversation_state.save_changes(turn_context, force=True)
-        except Exception:  # the store itself may be what failed; the apology still goes out
-            log.exception("bot could not clear the conversation state after a failed turn")
+        unreadable = isinstance(error, ValidationError)  # ConversationMemory refused what is stored
+        if unreadable:
+            try:
+                await conversation_state.clear_state(turn_context)
+                await conversation_state.save_changes(turn_context, force=True)
+            except Exception:  # the store itself may be what failed; the apology still goes out
+                log.exception("bot could not clear the conversation state after a failed turn")
         if activity.type == ActivityTypes.message:
-            await turn_context.send_activity(APOLOGY)
+            await turn_context.send_activity(APOLOGY if unreadable else TRY_AGAIN)
 
     return on_turn_error
 

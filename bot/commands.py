@@ -65,7 +65,10 @@ class CommandResult:
 def parse_command(text: str) -> tuple[str, list[str]] | None:
     if not text.startswith("/"):
         return None
-    name, *args = text[1:].split()
+    words = text[1:].split()
+    if not words:  # a bare "/": an unknown command, answered with the help
+        return "", []
+    name, *args = words
     return name.lower(), args
 
 
@@ -120,6 +123,9 @@ class Commands:
         except (TimeoutError, OSError, aiohttp.ClientError) as exc:
             log.warning("bot status: cannot read runs: %s", exc)
             return "unknown (the Durable task hub did not answer)"
+        except Exception as exc:  # the Durable client raises a bare Exception for any non-200 answer
+            log.warning("bot status: cannot read runs: %s: %s", type(exc).__name__, exc)
+            return "unknown (the Durable task hub answered with an error)"
         if run is None:
             return "none yet (start one with POST /api/finetune)"
         step = f", step {run.current_step}" if run.current_step and run.status == "Running" else ""

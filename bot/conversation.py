@@ -7,6 +7,7 @@ one included, can keep it): the recent turns as chat messages and this conversat
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -14,7 +15,10 @@ from botbuilder.core import ConversationState, TurnContext
 from botbuilder.core.bot_state import CachedBotState
 from pydantic import BaseModel, Field
 
+from bot.storage import ABSENT, StorageConflictError
+
 RouteName = Literal["flow", "direct"]
+COMMIT_ATTEMPTS = 5
 ROUTES: tuple[RouteName, ...] = ("flow", "direct")
 
 
@@ -91,7 +95,10 @@ class AppConversationState(ConversationState):
         if force or not cached or not cached.state:
             key = self.get_storage_key(turn_context)
             items = await self._storage.read([key])
-            turn_context.turn_state[self._context_service_key] = _JsonCachedState(items.get(key))
+            # A conversation with no state yet is saved only if it still has none (see storage.ABSENT).
+            turn_context.turn_state[self._context_service_key] = _JsonCachedState(
+                items.get(key) or {"e_tag": ABSENT}
+            )
 
 
 class ConversationMemories:
@@ -112,3 +119,22 @@ class ConversationMemories:
 
     async def save(self, ctx: TurnContext) -> None:
         await self.state.save_changes(ctx)
+
+    async def commit(
+        self, ctx: TurnContext, change: Callable[[ConversationMemory], None]
+    ) -> ConversationMemory:
+        """Apply `change` to the stored memory and save it now. When another turn of this conversation
+        saved in between (an e-tag conflict: two messages at once, a slow answer posted meanwhile),
+        read the memory again and apply `change` to that, so neither turn is lost."""
+        for attempt in range(1, COMMIT_ATTEMPTS + 1):
+            memory = await self.load(ctx)
+            change(memory)
+            await self.store(ctx, memory)
+            try:
+                await self.state.save_changes(ctx)
+                return memory
+            except StorageConflictError:
+                if attempt == COMMIT_ATTEMPTS:
+                    raise
+                await self.state.load(ctx, force=True)
+        raise AssertionError("unreachable")

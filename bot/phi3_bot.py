@@ -97,9 +97,15 @@ class Phi3Bot(ActivityHandler):
         services: TurnServices = turn_context.turn_state.get(TURN_SERVICES) or TurnServices()
         command = parse_command(text)
         if command is not None:
+            before = memory.model_copy(deep=True)
             result = await self.commands.run(*command, memory, services.runs)
             if result.memory_changed:
-                await self.memories.store(turn_context, memory)
+                changed = {
+                    field: getattr(memory, field)
+                    for field in type(memory).model_fields
+                    if getattr(memory, field) != getattr(before, field)
+                }
+                await self.memories.commit(turn_context, lambda stored: _assign(stored, changed))
             await turn_context.send_activities(markdown_messages(result.reply))
             return
         if len(text) > self.options.max_question_chars:
@@ -133,5 +139,12 @@ class Phi3Bot(ActivityHandler):
         answer = await answering
         await turn_context.send_activities(markdown_messages(answer.text))
         if answer.ok:
-            remember(memory, question, answer.text, self.options.bound)
-            await self.memories.store(turn_context, memory)
+            await self.memories.commit(
+                turn_context, lambda stored: remember(stored, question, answer.text, self.options.bound)
+            )
+
+
+def _assign(memory: ConversationMemory, fields: dict) -> None:
+    """What a command changed, applied to the memory as stored now (another turn may have saved)."""
+    for field, value in fields.items():
+        setattr(memory, field, value)

@@ -134,19 +134,27 @@ class ProactiveAnswers:
         reference = ConversationReference().deserialize(pending.reference)
         activities = markdown_messages(pending.answer or "")
 
+        failures: list[BaseException] = []
+
         async def post(ctx: TurnContext) -> None:
             # Address the answer as a reply to the question it answers (replyToId), as an inline
             # answer would be, not to the synthetic continuation event's id.
             ctx.activity.id = reference.activity_id
-            for activity in activities:
-                await ctx.send_activity(activity)
-            if pending.ok:
-                memory = await self.memories.load(ctx)
-                remember(memory, pending.question, pending.answer or "", self.bound)
-                await self.memories.store(ctx, memory)
-                await self.memories.save(ctx)
+            try:
+                for activity in activities:
+                    await ctx.send_activity(activity)
+                if pending.ok:
+                    answer = pending.answer or ""
+                    await self.memories.commit(
+                        ctx, lambda memory: remember(memory, pending.question, answer, self.bound)
+                    )
+            except Exception as error:
+                failures.append(error)  # the adapter hands it to on_turn_error, which does not raise
+                raise
 
         await adapter.continue_conversation(reference, post, self.app_id)
+        if failures:  # not delivered: the caller keeps the pending answer and Durable retries
+            raise failures[0]
         return len(activities)
 
 

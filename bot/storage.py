@@ -12,6 +12,7 @@ claim is stale; True when this caller won. The blob version is atomic across ins
 from __future__ import annotations
 
 import asyncio
+import copy
 import hashlib
 import json
 import time
@@ -31,8 +32,19 @@ class StorageConflictError(Exception):
     """Someone else changed the item since it was read (e-tag mismatch)."""
 
 
+# The e-tag of an item read as absent: writing it back creates the item only if it is still absent
+# (two first turns of one conversation must not both win).
+ABSENT = "absent"
+
+
 class MemoryStore(MemoryStorage):
-    """botbuilder's MemoryStorage plus ``claim``; atomic because nothing in it awaits.
+    """botbuilder's MemoryStorage with the blob store's e-tags, plus ``claim``; atomic because nothing
+    in it awaits.
+
+    Every write gives the item a new e-tag (botbuilder's gives none to an item first written without
+    one, so there the last write silently wins), reads return copies (botbuilder's return the stored
+    dicts, so a turn's changes would land before it saves), and a write carrying an e-tag that is no
+    longer the stored one is refused with ``StorageConflictError``, as the blob store does.
 
     Claims live apart from the items, oldest first, and are forgotten once stale, so a long-running
     local host does not keep every activity id it ever saw.
@@ -41,6 +53,28 @@ class MemoryStore(MemoryStorage):
     def __init__(self, dictionary: dict | None = None) -> None:
         super().__init__(dictionary)
         self.claims: OrderedDict[str, float] = OrderedDict()
+
+    async def read(self, keys: list[str]) -> dict[str, Any]:
+        return {key: copy.deepcopy(self.memory[key]) for key in keys if key in self.memory}
+
+    async def write(self, changes: dict[str, Any]) -> None:
+        if changes is None:
+            raise ValueError("changes are required when writing")
+        for key, change in changes.items():
+            item = copy.deepcopy(_as_dict(change, key))
+            etag = item.pop("e_tag", None)
+            stored = self.memory.get(key)
+            stale = (
+                stored is not None
+                if etag == ABSENT
+                else (etag not in (None, "*") and (stored is None or stored.get("e_tag") != etag))
+            )
+            if stale:
+                raise StorageConflictError(_conflict(key))
+            self._e_tag += 1
+            item["e_tag"] = str(self._e_tag)
+            self.memory[key] = item
+            _note_etag(change, item["e_tag"])
 
     async def claim(self, key: str, value: dict[str, Any], stale_after_s: float) -> bool:
         now = time.time()
@@ -59,6 +93,19 @@ def blob_name(key: str) -> str:
     if len(name) > MAX_BLOB_NAME:
         name = "sha256-" + hashlib.sha256(key.encode()).hexdigest() + ".json"
     return name
+
+
+def _conflict(key: str) -> str:
+    return f"state {key!r} was changed by another turn since it was read; retry the turn"
+
+
+def _note_etag(change: Any, etag: str) -> None:
+    """The written item's new e-tag, back into the caller's item: a second save in the same turn then
+    carries the e-tag it wrote, not the one it read (which would conflict with itself)."""
+    if isinstance(change, dict):
+        change["e_tag"] = etag
+    elif hasattr(change, "e_tag"):
+        change.e_tag = etag
 
 
 def _as_dict(item: Any, key: str) -> dict[str, Any]:
@@ -132,15 +179,17 @@ class BlobStore(Storage):
         for key, change in changes.items():
             item = _as_dict(change, key)
             etag = item.pop("e_tag", None)
-            conditions: dict[str, Any] = {}
-            if etag and etag != "*":
-                conditions = {"etag": etag, "match_condition": MatchConditions.IfNotModified}
+            conditions: dict[str, Any] = {"overwrite": True}
+            if etag == ABSENT:
+                conditions = {"overwrite": False}
+            elif etag and etag != "*":
+                conditions["etag"], conditions["match_condition"] = etag, MatchConditions.IfNotModified
             try:
-                await client.upload_blob(blob_name(key), json.dumps(item), overwrite=True, **conditions)
-            except ResourceModifiedError:
-                raise StorageConflictError(
-                    f"state {key!r} was changed by another turn since it was read; retry the turn"
-                ) from None
+                blob = client.get_blob_client(blob_name(key))
+                written = await blob.upload_blob(json.dumps(item), **conditions)  # its properties
+            except (ResourceModifiedError, ResourceExistsError):
+                raise StorageConflictError(_conflict(key)) from None
+            _note_etag(change, written["etag"])
 
     async def delete(self, keys: list[str]) -> None:
         client = await self._client()

@@ -15,7 +15,7 @@ from botbuilder.core import TurnContext
 from botbuilder.core.adapters import TestAdapter, TestFlow
 from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, ConversationAccount, Entity
 
-from bot.adapter import APOLOGY, turn_error_handler
+from bot.adapter import APOLOGY, TRY_AGAIN, turn_error_handler
 from bot.commands import RunInfo
 from bot.messages import TEAMS_SAFE_CHARS
 from bot.phi3_bot import TURN_SERVICES, WELCOME, TurnServices
@@ -334,12 +334,93 @@ async def test_a_slow_answer_is_acknowledged_then_posted_proactively_and_remembe
     ]
 
 
+def user_questions(model) -> list[str]:
+    return [m["content"] for m in model.last_messages() if m["role"] == "user"]
+
+
+async def test_a_bare_slash_is_an_unknown_command_and_the_history_stays(bot, model):
+    await bot.ask("remember this")
+    replies = await bot.ask("/")
+    assert replies[0].startswith("I don't know the command `/`")
+    await bot.ask("and now?")
+    assert user_questions(model) == ["remember this", "and now?"]
+
+
+async def test_two_messages_of_one_conversation_at_once_are_both_remembered(bot, model):
+    model.delay_s = 0.2  # both turns are in the model at once, and save one after the other
+    answers = await asyncio.gather(bot.ask("first"), bot.ask("second"))
+    model.delay_s = 0
+    await bot.ask("third")
+    replies = [text for sent in answers for text in sent]
+    assert APOLOGY not in replies and TRY_AGAIN not in replies
+    assert sorted(user_questions(model)[:2]) == ["first", "second"] and user_questions(model)[2:] == ["third"]
+
+
+async def test_a_slow_answer_posted_while_a_follow_up_is_answered_keeps_both_turns(make_bot, model):
+    bot = make_bot(BOT_ACK_AFTER_S=0.5)
+    # The slow question lands at ~0.8 s, while the follow-up (asked at ~0.5 s, answered inline within the
+    # acknowledgement time) is still in the model: it saves after the slow answer's delivery did.
+    model.delays = [0.8, 0.4]
+    assert await bot.ask("slow one", id="q-1") == [ACKNOWLEDGEMENT]
+    during = await bot.ask("quick follow-up", id="q-2")  # what the channel got meanwhile, both answers
+    await asyncio.gather(*bot.scheduler.tasks)
+    assert sorted(text.split(" [")[0] for text in during) == [
+        "Answer to: quick follow-up",
+        "Answer to: slow one",
+    ]
+    await bot.ask("and then?")
+    assert sorted(user_questions(model)[:2]) == ["quick follow-up", "slow one"]
+
+
+async def test_a_slow_answer_the_channel_did_not_take_is_kept_for_the_retry_and_the_history_stays(
+    make_bot, model, monkeypatch
+):
+    bot = make_bot(BOT_ACK_AFTER_S=0.05)
+    await bot.ask("remember this")
+    model.delay_s = 0.3
+    assert await bot.ask("slow one", id="q-9") == [ACKNOWLEDGEMENT]
+    connector_down = ConnectionError("the Bot Connector did not answer")
+
+    async def refuse(context, activities):
+        raise connector_down
+
+    with monkeypatch.context() as down:
+        down.setattr(bot.adapter, "send_activities", refuse)
+        with pytest.raises(ConnectionError):  # raised to Durable, which retries the delivery
+            await asyncio.gather(*bot.scheduler.tasks)
+    key = "test/pending/Convo1/q-9"
+    assert key in bot.runtime.store.memory  # nothing was sent, so nothing was dropped
+
+    report = await bot.runtime.proactive.deliver(bot.adapter, key)  # the retry, with the channel back
+
+    assert report.delivered and bot.adapter.activity_buffer[-1].text.startswith("Answer to: slow one")
+    model.delay_s = 0
+    await bot.ask("and then?")
+    assert user_questions(model) == ["remember this", "slow one", "and then?"]
+
+
+class FailingRuns:
+    async def latest_run(self):
+        raise Exception("The operation failed with an unexpected status code 500")  # as the Durable client
+
+
+async def test_status_when_the_task_hub_answers_with_an_error_says_unknown_and_keeps_the_history(
+    make_bot, model
+):
+    bot = make_bot(runs=FailingRuns())
+    await bot.ask("remember this")
+    (status,) = await bot.ask("/status")
+    assert "**Latest fine-tune run:** unknown (the Durable task hub answered with an error)" in status
+    await bot.ask("and now?")
+    assert user_questions(model) == ["remember this", "and now?"]
+
+
 async def test_a_failed_turn_apologises_and_clears_the_conversation_state(bot, model):
     await bot.ask("remember this")
     key = "test/conversations/Convo1"
     bot.runtime.store.memory[key]["chat"] = {"turns": "not a list"}  # state the bot cannot read
     assert await bot.ask("and now?") == [APOLOGY]
-    assert bot.runtime.store.memory[key] == {}
+    assert [name for name in bot.runtime.store.memory[key] if name != "e_tag"] == []  # cleared
     assert await bot.ask("fresh start") == ["Answer to: fresh start [1 messages]"]
 
 

@@ -11,7 +11,7 @@ from botbuilder.core.adapters import TestAdapter
 from botbuilder.schema import Activity, ActivityTypes, ChannelAccount, ConversationAccount
 
 from bot.runtime import BotRuntime, create_runtime, create_store
-from bot.storage import BlobStore, MemoryStore, StorageConflictError, blob_name
+from bot.storage import ABSENT, BlobStore, MemoryStore, StorageConflictError, blob_name
 from settings import AppSettings
 from tests.fake_arm.azurite import AzuriteBlob, AzuriteUnavailable
 from tests.support.bot_fakes import StubBackend, StubModel
@@ -29,10 +29,15 @@ def azurite(tmp_path_factory):
     server.stop()
 
 
-@pytest.fixture
-async def store(azurite, request):
+@pytest.fixture(params=["blob", "memory"])
+async def store(request):
+    """Both stores keep the same contract: e-tags on every item, a stale one refused."""
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    azurite = request.getfixturevalue("azurite")
     blob_store = BlobStore(
-        f"bot-{request.node.name[-20:].replace('_', '-').strip('-')}",
+        f"bot-{request.node.name[-24:].replace('_', '-').replace('[', '-').strip('-]')}",
         connection_string=azurite.connection_string,
     )
     yield blob_store
@@ -56,6 +61,24 @@ async def test_a_write_with_a_stale_e_tag_is_refused(store):
         await store.write({"k": {**first, "n": 3}})
     await store.write({"k": {"n": 4, "e_tag": "*"}})  # '*' overwrites whatever is there
     assert (await store.read(["k"]))["k"]["n"] == 4
+
+
+async def test_an_item_read_as_absent_is_written_back_only_if_still_absent(store):
+    await store.write({"new": {"n": 1, "e_tag": ABSENT}})  # the first turn of a conversation
+    with pytest.raises(StorageConflictError):
+        await store.write({"new": {"n": 2, "e_tag": ABSENT}})  # another first turn, saved later
+    assert (await store.read(["new"]))["new"]["n"] == 1
+
+
+async def test_a_written_item_carries_its_new_e_tag_so_a_second_save_does_not_conflict_with_itself(store):
+    item = {"n": 1}
+    await store.write({"again": item})
+    item["n"] = 2
+    await store.write({"again": item})  # the same turn saving twice
+    assert (await store.read(["again"]))["again"]["n"] == 2
+    read = (await store.read(["again"]))["again"]
+    read["n"] = 99  # a reader's copy, not the stored item
+    assert (await store.read(["again"]))["again"]["n"] == 2
 
 
 async def test_only_one_of_many_concurrent_claims_wins(store):
@@ -89,13 +112,15 @@ async def instances(azurite):
     await model.stop()
 
 
-async def _say(runtime: BotRuntime, text: str, activity_id: str) -> list[str]:
+async def _say(
+    runtime: BotRuntime, text: str, activity_id: str, conversation: str = "19:abc@thread.tacv2"
+) -> list[str]:
     template = Activity(
         channel_id="msteams",
         service_url="https://smba.example",
         from_property=ChannelAccount(id="user-1"),
         recipient=ChannelAccount(id="bot"),
-        conversation=ConversationAccount(id="19:abc@thread.tacv2"),
+        conversation=ConversationAccount(id=conversation),
     )
 
     async def logic(turn_context: TurnContext) -> None:
@@ -115,6 +140,21 @@ async def test_history_written_by_one_instance_is_read_by_another(instances):
         "Answer to: first [1 messages]",
         "second",
     ]
+
+
+async def test_two_instances_answering_one_conversation_at_once_both_keep_their_turn(instances):
+    (a, b), model = instances
+    conversation = "19:race@thread.tacv2"
+    model.delay_s = 0.3  # both turns are in the model at once, and save one after the other
+    answers = await asyncio.gather(
+        _say(a, "first", "race-1", conversation), _say(b, "second", "race-2", conversation)
+    )
+    model.delay_s = 0
+    await _say(a, "third", "race-3", conversation)
+
+    assert all(len(sent) == 1 and sent[0].startswith("Answer to:") for sent in answers)  # no apology
+    asked = [m["content"] for m in model.last_messages() if m["role"] == "user"]
+    assert sorted(asked[:2]) == ["first", "second"] and asked[2:] == ["third"]
 
 
 async def test_a_retry_arriving_at_another_instance_is_not_answered_again(instances):

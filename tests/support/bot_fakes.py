@@ -47,6 +47,7 @@ class StubModel:
     key: str = "stub-key-" + "k" * 24
     status: int = 200
     delay_s: float = 0.0
+    delays: list[float] = field(default_factory=list)  # per request, first to last; then delay_s
     retry_after: str | None = None
     fixed_answer: str | None = None
     requests: list[dict[str, Any]] = field(default_factory=list)
@@ -63,8 +64,9 @@ class StubModel:
         self.requests.append({"headers": dict(request.headers), "body": body})
         if request.headers.get("Authorization") != f"Bearer {self.key}":
             return web.json_response({"error": "invalid key"}, status=401)
-        if self.delay_s:
-            await asyncio.sleep(self.delay_s)
+        delay = self.delays.pop(0) if self.delays else self.delay_s
+        if delay:
+            await asyncio.sleep(delay)
         if self.status != 200:
             headers = {"Retry-After": self.retry_after} if self.retry_after else {}
             return web.json_response(
