@@ -83,7 +83,7 @@ class Commands:
         if name == "help":
             return CommandResult(HELP)
         if name == "reset":
-            memory.turns = []
+            memory.turns, memory.resets = [], memory.resets + 1
             return CommandResult("Done: I've forgotten this conversation's history.", memory_changed=True)
         if name == "route":
             return self._route(args, memory)

@@ -30,6 +30,8 @@ class ChatTurn(BaseModel):
 class ConversationMemory(BaseModel):
     turns: list[ChatTurn] = Field(default_factory=list)
     route: RouteName | None = None  # None: the app's BOT_ROUTE
+    # Counts /reset: a slow answer to a question asked before the last reset is not remembered.
+    resets: int = 0
 
     def messages(self) -> list[dict[str, str]]:
         """The history as alternating user/assistant messages, oldest first."""

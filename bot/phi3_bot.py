@@ -133,7 +133,9 @@ class Phi3Bot(ActivityHandler):
         )
         await asyncio.wait({answering}, timeout=self.options.ack_after_s)
         if not answering.done() and scheduler is not None and turn_context.activity.id:
-            await self.proactive.hand_off(turn_context, question, route, history, answering, scheduler)
+            await self.proactive.hand_off(
+                turn_context, question, route, history, answering, scheduler, resets=memory.resets
+            )
             await turn_context.send_activity(ACKNOWLEDGEMENT)
             return
         answer = await answering

@@ -22,7 +22,7 @@ from botbuilder.schema import ConversationReference
 from pydantic import BaseModel
 
 from bot.answers import Answer, ChatService
-from bot.conversation import ConversationMemories, HistoryBound, RouteName, remember
+from bot.conversation import ConversationMemories, ConversationMemory, HistoryBound, RouteName, remember
 from bot.dedupe import channel_of
 from bot.messages import markdown_messages
 
@@ -37,6 +37,7 @@ class PendingAnswer(BaseModel):
     question: str
     history: list[dict[str, str]]
     route: RouteName
+    resets: int = 0  # the conversation's /reset count when the question was asked
     state: Literal["pending", "answered"] = "pending"  # answered: kept so a retried send reuses it
     answer: str | None = None
     ok: bool = False
@@ -89,12 +90,13 @@ class ProactiveAnswers:
         history: list[dict[str, str]],
         in_flight: asyncio.Future[Answer],
         scheduler: AnswerScheduler,
+        resets: int = 0,
     ) -> str:
         """Park the turn and schedule its delivery; the caller sends the acknowledgement."""
         key = pending_key(ctx.activity)
         reference = TurnContext.get_conversation_reference(ctx.activity)
         pending = PendingAnswer(
-            reference=reference.serialize(), question=question, history=history, route=route
+            reference=reference.serialize(), question=question, history=history, route=route, resets=resets
         )
         await self.store.write({key: pending.model_dump(mode="json")})
         self._in_flight[key] = in_flight
@@ -145,9 +147,12 @@ class ProactiveAnswers:
                     await ctx.send_activity(activity)
                 if pending.ok:
                     answer = pending.answer or ""
-                    await self.memories.commit(
-                        ctx, lambda memory: remember(memory, pending.question, answer, self.bound)
-                    )
+
+                    def add_turn(memory: ConversationMemory) -> None:
+                        if memory.resets == pending.resets:  # else /reset came after the question
+                            remember(memory, pending.question, answer, self.bound)
+
+                    await self.memories.commit(ctx, add_turn)
             except Exception as error:
                 failures.append(error)  # the adapter hands it to on_turn_error, which does not raise
                 raise

@@ -399,6 +399,18 @@ async def test_a_slow_answer_the_channel_did_not_take_is_kept_for_the_retry_and_
     assert user_questions(model) == ["remember this", "slow one", "and then?"]
 
 
+async def test_a_slow_answer_to_a_question_asked_before_a_reset_is_posted_but_not_remembered(make_bot, model):
+    bot = make_bot(BOT_ACK_AFTER_S=0.05)
+    model.delay_s = 0.4
+    assert await bot.ask("slow one", id="q-r") == [ACKNOWLEDGEMENT]
+    model.delay_s = 0
+    assert (await bot.ask("/reset"))[0].startswith("Done: I've forgotten")
+    await asyncio.gather(*bot.scheduler.tasks)
+    assert bot.adapter.activity_buffer[-1].text.startswith("Answer to: slow one")  # still answered
+    await bot.ask("after the reset")
+    assert user_questions(model) == ["after the reset"]  # ...but forgotten, as /reset promised
+
+
 class FailingRuns:
     async def latest_run(self):
         raise Exception("The operation failed with an unexpected status code 500")  # as the Durable client
