@@ -26,6 +26,7 @@ from devhost.webchat import WEBCHAT_BUNDLE
 from settings import AppSettings
 from tests.support.bot_fakes import FakeChannel, message_activity
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.slow
 ERROR_OPENINGS = ("The model", "The Prompt flow", "I can't answer", "I could not", "Sorry")
@@ -121,7 +122,12 @@ def test_the_flow_route_answers_through_the_prompt_flow(deployment):
     (follow_up,) = texts(expect_replies(deployment, "Thanks. Anything else?", conversation))
     assert is_model_answer(follow_up), follow_up
     answered = f"bot answered route=flow endpoint={deployment.endpoint} conversation={conversation}"
-    assert f"{answered} history_messages=2" in deployment.log_text()
+    # The host's output reaches the test through a reader thread, which may be a line or two behind.
+    wait_for(
+        lambda: f"{answered} history_messages=2" in deployment.log_text(),
+        timeout=30,
+        what="the follow-up's log line (sent with the first turn as history)",
+    )
 
 
 async def test_replies_reach_a_loopback_channel_at_the_service_url(deployment):
