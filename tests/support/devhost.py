@@ -28,6 +28,7 @@ class DevhostProcess:
         self.port = port
         self.proc: subprocess.Popen | None = None
         self.output: list[str] = []
+        self._pump: threading.Thread | None = None
         self.url = ""
 
     def start(self, timeout: float = 60) -> str:
@@ -61,7 +62,8 @@ class DevhostProcess:
                     self.url = m.group(1)
                     ready.set()
 
-        threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True).start()
+        self._pump = threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True)
+        self._pump.start()
         deadline = time.monotonic() + timeout
         while not ready.wait(0.05):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -83,6 +85,8 @@ class DevhostProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+        if self._pump is not None:
+            self._pump.join(10)  # the last lines: log_text() after stop() is the whole output
 
     def restart(self) -> str:
         self.stop() if self.proc and self.proc.poll() is None else None
