@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -59,7 +60,13 @@ class DurableRunStatus:
 @dataclass(frozen=True)
 class CommandResult:
     reply: str
-    memory_changed: bool = False
+    # What the command changes in the conversation's memory, applied by the bot to the memory as stored
+    # when it saves (another turn may have saved meanwhile); None: nothing.
+    change: Callable[[ConversationMemory], None] | None = None
+
+
+def _forget(memory: ConversationMemory) -> None:
+    memory.turns, memory.resets = [], memory.resets + 1
 
 
 def parse_command(text: str) -> tuple[str, list[str]] | None:
@@ -83,8 +90,7 @@ class Commands:
         if name == "help":
             return CommandResult(HELP)
         if name == "reset":
-            memory.turns, memory.resets = [], memory.resets + 1
-            return CommandResult("Done: I've forgotten this conversation's history.", memory_changed=True)
+            return CommandResult("Done: I've forgotten this conversation's history.", change=_forget)
         if name == "route":
             return self._route(args, memory)
         if name == "status":
@@ -97,8 +103,11 @@ class Commands:
             return CommandResult(
                 f"Usage: `/route flow` or `/route direct` (this conversation uses **{current}**)."
             )
-        memory.route = args[0].lower()  # type: ignore[assignment]
-        return CommandResult(f"From now on this conversation is answered through **{memory.route}**.", True)
+        route: RouteName = args[0].lower()  # type: ignore[assignment]
+        return CommandResult(
+            f"From now on this conversation is answered through **{route}**.",
+            change=lambda stored: setattr(stored, "route", route),
+        )
 
     async def _status(self, memory: ConversationMemory, runs: RunStatusSource | None) -> str:
         route = memory.route or self.default_route

@@ -97,15 +97,9 @@ class Phi3Bot(ActivityHandler):
         services: TurnServices = turn_context.turn_state.get(TURN_SERVICES) or TurnServices()
         command = parse_command(text)
         if command is not None:
-            before = memory.model_copy(deep=True)
             result = await self.commands.run(*command, memory, services.runs)
-            if result.memory_changed:
-                changed = {
-                    field: getattr(memory, field)
-                    for field in type(memory).model_fields
-                    if getattr(memory, field) != getattr(before, field)
-                }
-                await self.memories.commit(turn_context, lambda stored: _assign(stored, changed))
+            if result.change is not None:
+                await self.memories.commit(turn_context, result.change)
             await turn_context.send_activities(markdown_messages(result.reply))
             return
         if len(text) > self.options.max_question_chars:
@@ -144,9 +138,3 @@ class Phi3Bot(ActivityHandler):
             await self.memories.commit(
                 turn_context, lambda stored: remember(stored, question, answer.text, self.options.bound)
             )
-
-
-def _assign(memory: ConversationMemory, fields: dict) -> None:
-    """What a command changed, applied to the memory as stored now (another turn may have saved)."""
-    for field, value in fields.items():
-        setattr(memory, field, value)

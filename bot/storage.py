@@ -64,11 +64,12 @@ class MemoryStore(MemoryStorage):
             item = copy.deepcopy(_as_dict(change, key))
             etag = item.pop("e_tag", None)
             stored = self.memory.get(key)
-            stale = (
-                stored is not None
-                if etag == ABSENT
-                else (etag not in (None, "*") and (stored is None or stored.get("e_tag") != etag))
-            )
+            if etag == ABSENT:
+                stale = stored is not None
+            elif etag in (None, "*"):
+                stale = False  # an unconditional write
+            else:
+                stale = stored is None or stored.get("e_tag") != etag
             if stale:
                 raise StorageConflictError(_conflict(key))
             self._e_tag += 1
