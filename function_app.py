@@ -24,6 +24,7 @@ from bot.function_blueprint import bp as bot_bp
 from orchestrators.finetune import PipelineInput, wait_instance_id
 from orchestrators.finetune import bp as pipeline_bp
 from orchestrators.monitor import bp as monitor_bp
+from pipeline.chat_validation import json_refusal
 from pipeline.config import InvalidRunConfig, parse_run_config
 from pipeline.naming import RunNames
 from pipeline.summary import WAIT_STEPS, build_summary
@@ -67,10 +68,8 @@ async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationC
         body = json.loads(req.get_body() or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _body_error(f"not valid JSON: {exc}")
-    except RecursionError:
-        return _body_error("not valid JSON here: nested too deeply")
-    except ValueError as exc:  # valid JSON that Python will not read, e.g. a number of over 4300 digits
-        return _body_error(f"not valid JSON here: {str(exc).split(';')[0]}")
+    except (RecursionError, ValueError) as exc:  # JSON Python will not read: too deep, a 4300+ digit number
+        return _body_error(json_refusal(exc))
     settings = get_settings()
     try:
         cfg = parse_run_config(body, settings)

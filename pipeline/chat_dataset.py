@@ -38,6 +38,7 @@ from pipeline.chat_validation import (
     TokenStats,
     approx_token_count,
     check_row,
+    json_refusal,
     token_stats,
     tokenizer_counter,
 )
@@ -172,13 +173,8 @@ def _read_jsonl(path: Path) -> Iterator[SourceRow]:
                 message = f"not valid JSON: {error.msg} at column {error.colno}"
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
                 continue
-            except RecursionError:
-                message = "not valid JSON here: nested too deeply"
-                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
-                continue
-            except ValueError as error:  # e.g. a number of more than 4300 digits
-                message = f"not valid JSON here: {str(error).split(';')[0]}"
-                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
+            except (RecursionError, ValueError) as error:  # too deep, or a number of 4300+ digits
+                yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, json_refusal(error)))
                 continue
             lone = _lone_surrogate(value) if _SURROGATE_HINT.search(raw) else None
             if lone is not None:

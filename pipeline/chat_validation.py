@@ -32,6 +32,14 @@ CountTokens = Callable[[str], int]
 PROBLEMS_IN_ERROR_MESSAGE = 5
 
 
+def json_refusal(error: RecursionError | ValueError) -> str:
+    """Why Python would not read valid-looking JSON: nesting past its recursion limit, or a number of
+    more than 4300 digits (the first clause of its message; the rest is advice for programmers)."""
+    if isinstance(error, RecursionError):
+        return "not valid JSON here: nested too deeply"
+    return f"not valid JSON here: {str(error).split(';')[0]}"
+
+
 class ProblemReason(StrEnum):
     INVALID_JSON = "invalid_json"
     INVALID_ENCODING = "invalid_encoding"
