@@ -309,12 +309,15 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
     Idempotent: what is not there is skipped. A deletion still under way after the backend's short
     wait (an Azure endpoint takes minutes) is handed back in ``pending``, to be called again with those
     refs and ``under_way: true`` after a durable timer (then "not there" means "deleted"); ``actions``
-    says what was done.
+    says what was done. Connections go first, while the run's endpoint still tells whether they point
+    at it (see ``clean_connection``).
     """
     actions: list[str] = []
     pending: list[dict] = []
     under_way = bool(payload.get("under_way"))
-    for ref in [ResourceRef.model_validate(r) for r in payload.get("created", [])]:
+    refs = [ResourceRef.model_validate(r) for r in payload.get("created", [])]
+    own_endpoint = (payload.get("names") or {}).get("endpoint")
+    for ref in sorted(refs, key=lambda r: r.kind != "connection"):
         try:
             if ref.kind == "endpoint":
                 backend.get_endpoint(ref.name)  # NotFoundError: nothing to delete
@@ -324,9 +327,8 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
                 if not backend.get_job(ref.name).is_terminal:
                     backend.cancel_job(ref.name)
                     actions.append(f"canceled job {ref.name}")
-            elif ref.kind == "connection":
-                backend.delete_promptflow_connection(ref.name)
-                actions.append(f"deleted connection {ref.name}")
+            elif ref.kind == "connection" and (done := clean_connection(backend, ref, own_endpoint)):
+                actions.append(done)
         except NotFoundError:
             if under_way and ref.kind == "endpoint":
                 actions.append(f"deleted endpoint {ref.name}")
@@ -335,3 +337,27 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
             pending.append(ref.model_dump())
             log.info("cleanup: %s %s is still under way: %s", ref.kind, ref.name, still)
     return {"actions": actions, "pending": pending}
+
+
+def clean_connection(backend: MLBackend, ref: ResourceRef, own_endpoint: str | None) -> str | None:
+    """Undo what the run did to a Prompt flow connection; what was done, or None when it is gone.
+
+    Every run names its connection alike (``promptflow.connection_name``), so the one a failed run
+    pointed at its endpoint may be the one an earlier run's flow still needs. It goes back to the
+    endpoint it served before (``ref.previous``) if that endpoint still exists, is deleted if the run
+    made it (or what it served is gone too), and is left alone if it serves another endpoint by now
+    (a later run took it over).
+    """
+    target = backend.promptflow_connection_target(ref.name, ref.parent)
+    if target is None:
+        return None
+    where = f"connection {ref.name}" + (f" in project {ref.parent}" if ref.parent else "")
+    serving = {ep.scoring_uri: ep.name for ep in backend.list_endpoints() if ep.scoring_uri}
+    now = serving.get(target)
+    if now is not None and now != own_endpoint:
+        return f"left {where}: it serves endpoint {now}"
+    if ref.previous is not None and ref.previous in serving.values():
+        backend.ensure_promptflow_connection(ref.name, ref.previous, project=ref.parent)
+        return f"pointed {where} back to endpoint {ref.previous}"
+    backend.delete_promptflow_connection(ref.name, ref.parent)
+    return f"deleted {where}"

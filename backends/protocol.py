@@ -77,6 +77,9 @@ class ResourceRef(BaseModel):
     name: str
     parent: str | None = None
     version: str | None = None
+    # A shared thing the run re-pointed rather than made (the Prompt flow connection, which every run
+    # names alike): the endpoint it served before, which a failed run's cleanup points it back to.
+    previous: str | None = None
 
 
 class SetupResult(BaseModel):
@@ -209,9 +212,14 @@ class MLBackend(Protocol):
     def managed_model(self, deployment_model: str | None) -> RegisteredModel | None: ...
     def delete_model_version(self, name: str, version: str) -> None: ...
 
-    # integrate: the Prompt flow custom connection (endpoint + key) the flow resolves by name
-    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult: ...
-    def delete_promptflow_connection(self, name: str) -> None: ...
+    # integrate: the Prompt flow custom connection (endpoint + key) the flow resolves by name; ``project``:
+    # the copy in an Azure AI Foundry project (publish_flow) instead of the workspace's. Its ref's
+    # ``previous`` names the endpoint it served before (see ``endpoint_serving``).
+    def ensure_promptflow_connection(
+        self, name: str, endpoint: str, cfg: RunConfig | None = None, project: str | None = None
+    ) -> SetupResult: ...
+    def promptflow_connection_target(self, name: str, project: str | None = None) -> str | None: ...
+    def delete_promptflow_connection(self, name: str, project: str | None = None) -> None: ...
     # the chat flow in an Azure AI Foundry project (the tutorial's scenario 3); local: skipped with the reason
     def publish_flow(
         self, connection: str, endpoint: str, display_name: str, cfg: RunConfig
@@ -224,3 +232,20 @@ class MLBackend(Protocol):
     def log_evaluation(
         self, run_id: str, metrics: dict[str, dict], artifacts: list[Path]
     ) -> str: ...  # where
+
+
+def endpoint_serving(backend: MLBackend, scoring_uri: str | None) -> str | None:
+    """The name of the backend's endpoint at ``scoring_uri`` (what a connection points at); None: none."""
+    if not scoring_uri:
+        return None
+    return next((ep.name for ep in backend.list_endpoints() if ep.scoring_uri == scoring_uri), None)
+
+
+def connection_ref(
+    backend: MLBackend, name: str, before: str | None, endpoint: str, project: str | None = None
+) -> ResourceRef:
+    """The record of connection ``name`` pointed at ``endpoint``, when it pointed at ``before`` (a URI)."""
+    previous = endpoint_serving(backend, before)
+    return ResourceRef(
+        kind="connection", name=name, parent=project, previous=None if previous == endpoint else previous
+    )

@@ -31,6 +31,7 @@ from backends.protocol import (
     RegisteredModel,
     ResourceRef,
     SetupResult,
+    connection_ref,
 )
 from pipeline.config import RunConfig, resolve_project_path
 from pipeline.naming import RunNames
@@ -352,25 +353,39 @@ class AzureBackend:
         deploy.delete_endpoint(self._clients(), name, self.wait_s)
 
     # integrate ---------------------------------------------------------------------------------
-    @staticmethod
-    def _upsert_connection(clients: AzureClients, into: AzureClients, name: str, endpoint: str) -> str:
+    def _upsert_connection(
+        self, clients: AzureClients, name: str, endpoint: str, project: str | None = None
+    ) -> tuple[str, ResourceRef]:
         """The endpoint's scoring URI and key (read now, from ``clients``' workspace) into connection
-        ``name`` of ``into``'s workspace or project."""
+        ``name`` of that workspace, or of Foundry ``project``: (created | updated, its record)."""
+        into = self._in_project(clients, project)
         ep = deploy.get_endpoint(clients, endpoint)
         key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
-        return connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key)
+        before = connections.connection_target(into, name)
+        outcome = connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key)
+        return outcome, connection_ref(self, name, before, endpoint, project)
 
-    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
-        clients = self._clients(cfg)
-        outcome = self._upsert_connection(clients, clients, name, endpoint)
+    def _in_project(self, clients: AzureClients, project: str | None) -> AzureClients:
+        if project is None or project == clients.target.workspace:
+            return clients
+        return self.session.clients(replace(clients.target, workspace=project))
+
+    def ensure_promptflow_connection(
+        self, name: str, endpoint: str, cfg: RunConfig | None = None, project: str | None = None
+    ) -> SetupResult:
+        outcome, ref = self._upsert_connection(self._clients(cfg), name, endpoint, project)
+        store = f"project {project}" if project else "workspace"
         return SetupResult(
-            summary=f"workspace connection {name} {outcome} -> endpoint {endpoint}",
-            details={"connection": {"name": name, "endpoint": endpoint, "store": "workspace"}},
-            created=[ResourceRef(kind="connection", name=name)],
+            summary=f"{store} connection {name} {outcome} -> endpoint {endpoint}",
+            details={"connection": {"name": name, "endpoint": endpoint, "store": store}},
+            created=[ref],
         )
 
-    def delete_promptflow_connection(self, name: str) -> None:
-        connections.delete_connection(self._clients(), name)
+    def promptflow_connection_target(self, name: str, project: str | None = None) -> str | None:
+        return connections.connection_target(self._in_project(self._clients(), project), name)
+
+    def delete_promptflow_connection(self, name: str, project: str | None = None) -> None:
+        connections.delete_connection(self._in_project(self._clients(), project), name)
 
     def publish_flow(self, connection: str, endpoint: str, display_name: str, cfg: RunConfig) -> SetupResult:
         """The tutorial's scenario 3: hub + project, the connection in the project, the chat flow in it."""
@@ -379,10 +394,9 @@ class AzureBackend:
         clients = self._clients(cfg)
         place = publish.foundry_place(clients.target.workspace, cfg)
         project, created = publish.ensure_project(clients, place, self._location(cfg), self.wait_s)
-        in_project = self.session.clients(replace(clients.target, workspace=project.name))
+        in_project = self._in_project(clients, project.name)
         if project.name != clients.target.workspace:  # else the promptflow_connection step made it there
-            self._upsert_connection(clients, in_project, connection, endpoint)
-            created.append(ResourceRef(kind="connection", name=connection, parent=project.name))
+            created.append(self._upsert_connection(clients, connection, endpoint, project.name)[1])
         staged = publish.stage_flow(
             resolve_project_path(cfg.promptflow.flow),
             connection,

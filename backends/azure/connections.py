@@ -46,6 +46,18 @@ def upsert_custom_connection(clients: AzureClients, name: str, endpoint_uri: str
     return "created" if response.status_code == 201 else "updated"
 
 
+def connection_target(clients: AzureClients, name: str) -> str | None:
+    """The endpoint URI connection ``name`` points at (a plain GET: Azure returns no secrets); None: none."""
+    with azure_errors(f"read Prompt flow connection '{name}'"):
+        response = clients.resources.send_request(HttpRequest("GET", _url(clients, name)))
+        if response.status_code == 404:
+            return None
+        if response.status_code >= 400:
+            raise HttpResponseError(response=response, error_format=ARMErrorFormat)
+    properties = response.json().get("properties") or {}
+    return (properties.get("metadata") or {}).get("endpoint") or properties.get("target")
+
+
 def delete_connection(clients: AzureClients, name: str) -> None:
     with azure_errors(f"delete Prompt flow connection '{name}'"):
         response = clients.resources.send_request(HttpRequest("DELETE", _url(clients, name)))

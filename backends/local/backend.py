@@ -28,8 +28,8 @@ from backends.protocol import (
     MetricPoint,
     NotFoundError,
     RegisteredModel,
-    ResourceRef,
     SetupResult,
+    connection_ref,
 )
 from pipeline.config import LOCAL_SCHEDULERS, PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
 from settings import AppSettings
@@ -385,20 +385,30 @@ class LocalBackend:
         )
 
     # integrate ----------------------------------------------------------------------------------
-    def ensure_promptflow_connection(self, name: str, endpoint: str, cfg: RunConfig) -> SetupResult:
-        """A CustomConnection in promptflow's local store (key encrypted; key file under the state dir)."""
+    def ensure_promptflow_connection(
+        self, name: str, endpoint: str, cfg: RunConfig | None = None, project: str | None = None
+    ) -> SetupResult:
+        """A CustomConnection in promptflow's local store (key encrypted; key file under the state dir).
+
+        There are no projects locally: ``project`` only ever comes from an Azure run's record."""
         from flows.connections import upsert_connection
 
         ep = self.get_endpoint(endpoint)
         key = self.get_endpoint_keys(endpoint).primary.get_secret_value()
+        before = self.promptflow_connection_target(name)
         conn = upsert_connection(name, ep.scoring_uri or "", key, state_dir=self.root)
         return SetupResult(
             summary=f"connection {conn.name} {conn.action} -> endpoint {endpoint}",
             details={"connection": {"name": conn.name, "endpoint": endpoint, "store": "local"}},
-            created=[ResourceRef(kind="connection", name=conn.name)],
+            created=[connection_ref(self, conn.name, before, endpoint)],
         )
 
-    def delete_promptflow_connection(self, name: str) -> None:
+    def promptflow_connection_target(self, name: str, project: str | None = None) -> str | None:
+        from flows.connections import connection_endpoint
+
+        return connection_endpoint(name, state_dir=self.root)
+
+    def delete_promptflow_connection(self, name: str, project: str | None = None) -> None:
         from flows.connections import delete_connection
 
         delete_connection(name, state_dir=self.root)
