@@ -23,6 +23,7 @@ from activities.blueprint import bp as activities_bp
 from bot.function_blueprint import bp as bot_bp
 from orchestrators.finetune import PipelineInput, wait_instance_id
 from orchestrators.finetune import bp as pipeline_bp
+from orchestrators.instances import PIPELINE, pipeline_runs
 from orchestrators.monitor import bp as monitor_bp
 from pipeline.chat_validation import json_refusal
 from pipeline.config import InvalidRunConfig, parse_run_config
@@ -37,7 +38,6 @@ app.register_functions(activities_bp)
 app.register_functions(bot_bp)
 
 log = logging.getLogger("function_app")
-PIPELINE = "finetune_pipeline"
 ACTIVE = ("Running", "Pending", "ContinuedAsNew", "Suspended")
 
 
@@ -152,9 +152,7 @@ def _job_metrics(job_name: str) -> dict:
 @app.durable_client_input(client_name="client")
 async def list_runs(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
     runs = []
-    for status in await client.get_status_all():
-        if (status.name or "").lower() != PIPELINE:
-            continue
+    for status in await pipeline_runs(client):
         progress = status.custom_status if isinstance(status.custom_status, dict) else {}
         runs.append(
             {

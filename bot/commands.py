@@ -13,9 +13,9 @@ import aiohttp
 from backends.protocol import BackendError
 from bot.conversation import ROUTES, ConversationMemory, RouteName
 from bot.endpoints import EndpointDirectory, NoEndpointError
+from orchestrators.instances import pipeline_runs
 
 log = logging.getLogger("bot.commands")
-PIPELINE = "finetune_pipeline"
 
 HELP = """I answer with the fine-tuned Phi-3 model this app deployed, and I remember our recent turns.
 
@@ -44,7 +44,7 @@ class DurableRunStatus:
         self.client = client
 
     async def latest_run(self) -> RunInfo | None:
-        runs = [s for s in await self.client.get_status_all() if (s.name or "").lower() == PIPELINE]
+        runs = await pipeline_runs(self.client)
         if not runs:
             return None
         newest = max(runs, key=lambda s: str(s.created_time))

@@ -5,12 +5,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from pathlib import Path
 
 from .app_loader import AppLoadError
 from .server import serve
 from .webchat import webchat_plugin
+
+
+def _page_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,6 +35,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=7071, help="port on 127.0.0.1 (0 = any free port)")
     parser.add_argument("--state", type=Path, default=None, help="state folder (default: <root>/.devhost)")
     parser.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING (default INFO)")
+    parser.add_argument(
+        "--max-page",
+        type=_page_size,
+        default=os.environ.get("DEVHOST_DURABLE_MAX_PAGE") or None,
+        help="answer Durable instance queries in pages of at most N, shorter than asked, as a storage "
+        "provider may: proves a client follows the continuation token (default: as asked; env "
+        "DEVHOST_DURABLE_MAX_PAGE)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -32,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args.root, args.port, args.state, plugins=[webchat_plugin]))
+        asyncio.run(serve(args.root, args.port, args.state, plugins=[webchat_plugin], max_page=args.max_page))
     except AppLoadError as exc:
         print(f"devhost: cannot load the app: {exc}", file=sys.stderr)
         return 2

@@ -56,8 +56,10 @@ class DevHost:
         state_dir: Path | None = None,
         bind: str = "127.0.0.1",
         plugins: list[RoutePlugin] | None = None,
+        max_page: int | None = None,
     ):
         self.root = root.resolve()
+        self.max_page = max_page
         self.bind = bind
         self.port = port
         self.state_dir = (state_dir or self.root / ".devhost").resolve()
@@ -85,7 +87,7 @@ class DevHost:
         self.timers = {t.name.lower(): TimerTrigger(t, self.store, self.invoker) for t in self.index.timers}
         self.http = HttpTriggers(self.index, self.invoker)
         app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
-        app.add_routes(ManagementApi(self.engine, self.index.task_hub).routes())
+        app.add_routes(ManagementApi(self.engine, self.index.task_hub, self.max_page).routes())
         app.add_routes(
             [
                 web.get("/admin/host/status", self._host_status),
@@ -222,9 +224,13 @@ def freeze_startup_heap() -> None:
 
 
 async def serve(
-    root: Path, port: int, state_dir: Path | None, plugins: list[RoutePlugin] | None = None
+    root: Path,
+    port: int,
+    state_dir: Path | None,
+    plugins: list[RoutePlugin] | None = None,
+    max_page: int | None = None,
 ) -> None:
-    host = DevHost(root, port=port, state_dir=state_dir, plugins=plugins)
+    host = DevHost(root, port=port, state_dir=state_dir, plugins=plugins, max_page=max_page)
     await host.start()
     freeze_startup_heap()
     stop = asyncio.Event()

@@ -4,12 +4,17 @@ unknown run is a 404. Nothing is started for a refused request."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import time
 
+import azure.durable_functions as df
 import pytest
 import requests
 
 from backends.local.backend import LocalBackend
+from bot.commands import DurableRunStatus
+from devhost.durable.api import client_binding
 from settings import AppSettings
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
 
@@ -24,6 +29,8 @@ def host(tmp_path_factory):
         "PHI3_MODELS_DIR": str(PROJECT_ROOT / ".models"),
         "PHI3_BACKEND": "local",
         "HOME": str(home),
+        # Instance queries answer 2 at a time, as a storage provider may: listing must follow the token.
+        "DEVHOST_DURABLE_MAX_PAGE": "2",
     }
     devhost = DevhostProcess(PROJECT_ROOT, tmp / "devhost", env=env)
     devhost.start()
@@ -158,3 +165,23 @@ def test_canceling_an_unknown_run_is_not_found(host):
     r = requests.post(f"{host.url}/api/runs/no-such-run/cancel", timeout=30)
     assert r.status_code == 404
     assert r.json() == {"error": "no run with id 'no-such-run'"}
+
+
+def test_every_run_is_listed_however_many_pages_the_instances_take(host, tmp_path):
+    """The Durable SDK's get_status_all reads the host's first page only (100 instances on Azure; 2 on
+    this host): the runs API and the bot's /status must page through to find every run."""
+    for i in range(3):  # instances that are not runs, made before the run (this host lists oldest first)
+        other = host.start_orchestration("bot_proactive_answer", {"pending_key": f"t/pending/c/{i}"})
+        assert host.wait(other)["runtimeStatus"] == "Completed"
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    run_id = "api-listed-1"
+    time.sleep(1.1)  # creation times have whole seconds: be the newest run after the earlier tests' ones
+    body = {"preset": "smoke", "run_id": run_id, "dataset": {"hub_id": None, "files": [str(bad)]}}
+    assert post_finetune(host, json=body).status_code == 202
+    assert wait_status(host, run_id) == "Failed"  # at prepare_dataset: nothing trains
+
+    assert run_id in run_ids(host)
+    client = df.DurableOrchestrationClient(client_binding(host.url, "TestHubName"))
+    latest = asyncio.run(DurableRunStatus(client).latest_run())
+    assert latest is not None and (latest.run_id, latest.status) == (run_id, "Failed")

@@ -157,10 +157,14 @@ def _parse_body_input(raw: bytes) -> str | None:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+DEFAULT_PAGE = 100  # the extension's page when a query gives no ``top``
+
+
 class ManagementApi:
-    def __init__(self, engine: DurableEngine, task_hub: str):
+    def __init__(self, engine: DurableEngine, task_hub: str, max_page: int | None = None):
         self.engine = engine
         self.task_hub = task_hub
+        self.max_page = max_page
 
     def routes(self) -> list[web.RouteDef]:
         p = PREFIX
@@ -249,10 +253,11 @@ class ManagementApi:
         return self.engine.store.query_instances(_where(clauses), args)
 
     async def list_instances(self, request: web.Request) -> web.Response:
-        """List/filter; ``top`` pages, and ``x-ms-continuation-token`` (request and response header)
-        carries on after the last instance returned — by key, so instances purged or created between
-        pages neither shift nor repeat the rest. Without ``top`` everything comes back (the Python
-        client never pages)."""
+        """List/filter, a page at a time as the extension does: ``top`` instances (100 when not given,
+        its ``OrchestrationStatusQueryCondition.PageSize``) and an ``x-ms-continuation-token`` (request
+        and response header) that carries on after the last instance returned — by key, so instances
+        purged or created between pages neither shift nor repeat the rest. ``max_page`` makes pages
+        shorter than asked, as a storage provider may ("always check the continuation token")."""
         try:
             clauses, args = self._filter(request)
             token = request.headers.get("x-ms-continuation-token")
@@ -266,11 +271,13 @@ class ManagementApi:
             top = int(request.query.get("top", "0"))
         except ValueError:
             top = 0  # the extension ignores a ``top`` that is not an integer
-        limit = top + 1 if top > 0 else None
-        instances = self.engine.store.query_instances(_where(clauses), args, limit=limit)
+        page = top if top > 0 else DEFAULT_PAGE
+        if self.max_page:
+            page = min(page, self.max_page)
+        instances = self.engine.store.query_instances(_where(clauses), args, limit=page + 1)
         headers = {}
-        if top > 0 and len(instances) > top:
-            instances = instances[:top]
+        if len(instances) > page:
+            instances = instances[:page]
             headers["x-ms-continuation-token"] = _encode_token(instances[-1])
         show_input = _flag(request, "showInput", True)  # OrchestrationStatusQueryCondition.ShowInput
         body = [status_object(self.engine, i, show_input=show_input) for i in instances]
