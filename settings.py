@@ -58,6 +58,8 @@ class AppSettings(BaseSettings):
     # (channels give up on a turn after ~15 s and Teams retries the POST).
     bot_ack_after_s: float = Field(5.0, ge=0, alias="BOT_ACK_AFTER_S")
     bot_model_timeout_s: float = Field(120.0, gt=0, alias="BOT_MODEL_TIMEOUT_S")
+    # How long a finished slow-answer delivery keeps its Durable history before the hourly purge.
+    bot_delivery_history_hours: float = Field(24.0, ge=0, alias="BOT_DELIVERY_HISTORY_HOURS")
     # History kept per conversation: at most this many turns and characters (Phi-3-mini-4k's context
     # is 4096 tokens, ~3 characters each; the question and the answer need room too).
     bot_history_turns: int = Field(10, ge=0, alias="BOT_HISTORY_TURNS")

@@ -3,6 +3,7 @@
     POST /api/messages          Bot Framework messaging endpoint (Teams, Web Chat, Direct Line)
     bot_proactive_answer        orchestration: deliver one pending answer (input: its store key)
     bot_deliver_answer          activity: answer, post it with continue_conversation, remember it
+    bot_purge_deliveries        timer (hourly): purge the Durable history of finished deliveries
 
 The route is anonymous at the Functions level: the Bot Framework JWT (checked in ``bot.adapter``)
 is the guard, and channels cannot add a function key.
@@ -10,14 +11,20 @@ is the guard, and channels cannot add a function key.
 
 from __future__ import annotations
 
+import logging
+from datetime import UTC, datetime, timedelta
+
 import azure.durable_functions as df
 import azure.functions as func
 from botbuilder.core import TurnContext
 
 from bot.commands import DurableRunStatus
 from bot.phi3_bot import TURN_SERVICES, TurnServices
-from bot.proactive import delivery_instance_id
+from bot.proactive import DELIVERY_INSTANCE_PREFIX, delivery_instance_id
 from bot.runtime import get_runtime
+from settings import get_settings
+
+log = logging.getLogger("bot.deliveries")
 
 bp = df.Blueprint()
 
@@ -63,3 +70,41 @@ async def bot_deliver_answer(pending: dict) -> dict:
     runtime = get_runtime()
     report = await runtime.proactive.deliver(runtime.adapter, pending["pending_key"])
     return report.model_dump()
+
+
+# Every slow answer leaves one finished instance behind; the hub would grow without end, and each
+# listing of runs would page through them all. A failed delivery is kept as the record of an answer
+# that never reached its user.
+PURGE_SCHEDULE = "0 23 * * * *"  # hourly
+PURGED_STATES = [df.OrchestrationRuntimeStatus.Completed, df.OrchestrationRuntimeStatus.Terminated]
+MAX_PURGE_ROUNDS = 100  # of one query page (100 on Azure) each
+
+
+async def purge_finished_deliveries(client: df.DurableOrchestrationClient, older_than: datetime) -> int:
+    """Purge the deliveries that finished and were created before ``older_than``; how many went.
+
+    A query answers one page (the SDK drops the continuation token), but what is purged leaves the next
+    query's first page, so asking again until nothing new comes back reaches them all.
+    """
+    purged: set[str] = set()
+    for _ in range(MAX_PURGE_ROUNDS):
+        finished = await client.get_status_by(
+            created_time_to=older_than,
+            runtime_status=PURGED_STATES,
+            instance_id_prefix=DELIVERY_INSTANCE_PREFIX,
+        )
+        fresh = [s.instance_id for s in finished if s.instance_id and s.instance_id not in purged]
+        if not fresh:
+            break
+        for instance_id in fresh:
+            await client.purge_instance_history(instance_id)
+            purged.add(instance_id)
+    return len(purged)
+
+
+@bp.timer_trigger(schedule=PURGE_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)
+@bp.durable_client_input(client_name="client")
+async def bot_purge_deliveries(timer: func.TimerRequest, client: df.DurableOrchestrationClient) -> None:
+    hours = get_settings().bot_delivery_history_hours
+    count = await purge_finished_deliveries(client, datetime.now(UTC) - timedelta(hours=hours))
+    log.info("bot deliveries purged=%d kept_hours=%s", count, hours)

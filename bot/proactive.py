@@ -60,9 +60,12 @@ def pending_key(activity) -> str:
     return f"{channel_of(activity)}/pending/{activity.conversation.id}/{activity.id}"
 
 
+DELIVERY_INSTANCE_PREFIX = "bot-answer-"
+
+
 def delivery_instance_id(key: str) -> str:
     """One Durable instance per pending answer, so a repeated schedule cannot deliver twice."""
-    return "bot-answer-" + hashlib.sha256(key.encode()).hexdigest()[:32]
+    return DELIVERY_INSTANCE_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
 class ProactiveAnswers:

@@ -14,9 +14,11 @@ import requests
 
 from backends.local.backend import LocalBackend
 from bot.commands import DurableRunStatus
+from bot.proactive import delivery_instance_id
 from devhost.durable.api import client_binding
 from settings import AppSettings
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
+from tests.support.polling import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +33,7 @@ def host(tmp_path_factory):
         "HOME": str(home),
         # Instance queries answer 2 at a time, as a storage provider may: listing must follow the token.
         "DEVHOST_DURABLE_MAX_PAGE": "2",
+        "BOT_DELIVERY_HISTORY_HOURS": "0",  # the hourly purge takes every finished delivery
     }
     devhost = DevhostProcess(PROJECT_ROOT, tmp / "devhost", env=env)
     devhost.start()
@@ -185,3 +188,25 @@ def test_every_run_is_listed_however_many_pages_the_instances_take(host, tmp_pat
     client = df.DurableOrchestrationClient(client_binding(host.url, "TestHubName"))
     latest = asyncio.run(DurableRunStatus(client).latest_run())
     assert latest is not None and (latest.run_id, latest.status) == (run_id, "Failed")
+
+
+def test_the_hourly_purge_removes_finished_answer_deliveries_and_nothing_else(host):
+    deliveries = [
+        host.start_orchestration(
+            "bot_proactive_answer", {"pending_key": key}, instance_id=delivery_instance_id(key)
+        )
+        for key in (f"t/pending/purge/{i}" for i in range(5))  # more than a page: the purge asks again
+    ]
+    for iid in deliveries:
+        assert host.wait(iid)["runtimeStatus"] == "Completed"
+    runs = run_ids(host)
+    assert runs  # the earlier tests' runs, which must stay
+
+    assert requests.post(f"{host.url}/admin/functions/bot_purge_deliveries", timeout=30).status_code == 202
+    wait_for(
+        lambda: "bot deliveries purged=5 kept_hours=0.0" in host.log_text(),
+        timeout=30,
+        what="the purge's log line",
+    )
+    assert [host.status(iid).status_code for iid in deliveries] == [404] * 5
+    assert run_ids(host) == runs
