@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from backends.protocol import ResourceRef
 from pipeline.config import RunConfig
 from pipeline.steps import RunProgress, StepResult
+from pipeline.summary import status_view
 
 bp = df.Blueprint()
 
@@ -49,7 +50,7 @@ class PipelineRun:
         self.publish()
 
     def publish(self) -> None:
-        self.context.set_custom_status(self.progress.model_dump(mode="json", exclude_none=True))
+        self.context.set_custom_status(status_view(self.progress))
 
     def payload(self) -> dict:
         return {

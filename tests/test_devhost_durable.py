@@ -234,6 +234,18 @@ def test_continue_as_new_resets_history_each_generation(host):
     assert out["history_length"] <= 4  # a fresh [OrchestratorStarted, ExecutionStarted, ...] each generation
 
 
+def test_a_custom_status_over_16_kb_of_utf16_fails_the_orchestration_as_the_extension_does(host):
+    # {"filler":"..."} is 13 characters plus the filler; UTF-16 doubles it; the extension rounds down
+    # to whole KB and refuses more than 16: 8,690 filler characters are 16 KB, 8,691 are 17 KB.
+    fits = host.wait(host.start_orchestration("growing_status", {"sizes": [8690]}))
+    assert fits["runtimeStatus"] == "Completed" and len(fits["customStatus"]["filler"]) == 8690
+
+    failed = host.wait(host.start_orchestration("growing_status", {"sizes": [100, 8691]}))
+    assert failed["runtimeStatus"] == "Failed"
+    assert "must not exceed 16 KB. The current payload size is 17 KB" in failed["output"]
+    assert failed["customStatus"] == {"filler": "x" * 100}  # the refused one was never stored
+
+
 def test_custom_status_is_visible_while_running(host):
     iid = host.start_orchestration("long_steps", {"steps": 3, "seconds": 0.5})
     seen = host.wait(

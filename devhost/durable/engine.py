@@ -28,6 +28,23 @@ from .store import Instance, Store, WorkItem
 
 log = logging.getLogger("devhost.durable")
 
+# The extension refuses a custom status over 16 KB of UTF-16 JSON (DurableOrchestrationContext
+# .SetCustomStatus via MessagePayloadDataConverter.Serialize): the episode throws and the orchestration
+# fails. The size is the compact JSON text's UTF-16 byte count, in whole KB, rounded down.
+MAX_CUSTOM_STATUS_KB = 16
+
+
+def custom_status_error(custom) -> str | None:
+    text = json.dumps(custom, separators=(",", ":"), ensure_ascii=False)
+    size_kb = int(len(text.encode("utf-16-le")) / 1024)
+    if size_kb <= MAX_CUSTOM_STATUS_KB:
+        return None
+    return (
+        f"The UTF-16 size of the JSON-serialized payload must not exceed {MAX_CUSTOM_STATUS_KB} KB. "
+        f"The current payload size is {size_kb} KB."
+    )
+
+
 MAX_INSTANCE_ID = 256
 
 
@@ -242,6 +259,10 @@ class DurableEngine(InstanceControl, ActivityWorker):
         if error is None and unsupported:
             error = f"the devhost does not support {unsupported[0].detail}"
         custom = result.state.get("customStatus") if result.state else None
+        oversize = custom_status_error(custom) if custom is not None else None
+        if oversize:  # refused, so never stored: the status keeps its last value
+            error = error or oversize
+            custom = json.loads(current.custom_status) if current.custom_status else None
         after: list[Callable[[], None]] = []
         events = [h.played(e) for e in new_events]
         with self.store.transaction() as tx:

@@ -274,6 +274,15 @@ def long_steps(context: df.DurableOrchestrationContext):
 
 
 @app.orchestration_trigger(context_name="context")
+def growing_status(context: df.DurableOrchestrationContext):
+    """Custom status of ``sizes`` characters in turn, an activity between each."""
+    for size in context.get_input()["sizes"]:
+        context.set_custom_status({"filler": "x" * size})
+        yield context.call_activity("say_hello", str(size))
+    return "done"
+
+
+@app.orchestration_trigger(context_name="context")
 def waits_forever(context: df.DurableOrchestrationContext):
     context.set_custom_status("waiting")
     yield context.wait_for_external_event("never")
