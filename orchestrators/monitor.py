@@ -16,6 +16,9 @@ from pydantic import BaseModel, Field
 bp = df.Blueprint()
 
 POLL_RETRY = df.RetryOptions(first_retry_interval_in_milliseconds=5000, max_number_of_attempts=3)
+# Durable refuses a custom status over 16 KB (the orchestration fails): a poll's texts (an Azure
+# provisioning error can be long) are cut there; the result keeps them whole.
+STATUS_TEXT_CHARS = 2000
 
 
 class MonitorState(BaseModel):
@@ -41,6 +44,11 @@ class PollResult(BaseModel):
     detail: dict = Field(default_factory=dict)
 
 
+def live_status(polls: int, result: PollResult) -> dict:
+    detail = {k: v[:STATUS_TEXT_CHARS] if isinstance(v, str) else v for k, v in result.detail.items()}
+    return {"polls": polls, "status": result.status[:STATUS_TEXT_CHARS], **detail}
+
+
 @bp.orchestration_trigger(context_name="context")
 def wait_until_done(context: df.DurableOrchestrationContext):
     state = MonitorState.model_validate(context.get_input())
@@ -50,7 +58,7 @@ def wait_until_done(context: df.DurableOrchestrationContext):
         result = PollResult.model_validate(raw)
         state.polls += 1
         state.last = result.model_dump()
-        context.set_custom_status({"polls": state.polls, "status": result.status, **result.detail})
+        context.set_custom_status(live_status(state.polls, result))
         if result.done:
             return {**state.last, "polls": state.polls}
         if context.current_utc_datetime >= deadline:

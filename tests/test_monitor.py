@@ -85,6 +85,17 @@ def test_failed_operation_is_reported_not_ok(host):
     assert out == {"done": True, "ok": False, "status": "Failed", "detail": {"poll": 2}, "polls": 2}
 
 
+def test_a_long_error_is_cut_in_the_live_status_and_whole_in_the_result(host):
+    args = monitor_input("long-error", 1, final="Failed")
+    args["args"]["error"] = "the deployment failed: " + "stack frame\n" * 3000  # 36 KB of text
+    done = host.wait(host.start_orchestration("wait_until_done", args, instance_id="mon-long-error"))
+
+    assert done["runtimeStatus"] == "Completed"  # not failed by Durable's 16 KB custom status limit
+    assert done["output"]["detail"]["error"] == args["args"]["error"]
+    assert len(done["customStatus"]["error"]) <= 2000
+    assert done["customStatus"]["error"].startswith("the deployment failed: stack frame")
+
+
 def test_monitor_gives_up_at_its_deadline(host):
     out = host.wait(
         host.start_orchestration(

@@ -21,6 +21,6 @@ def scripted_status(args: dict) -> dict:
             "done": True,
             "ok": args.get("final", "Completed") == "Completed",
             "status": args.get("final", "Completed"),
-            "detail": {"poll": n},
+            "detail": {"poll": n} | ({"error": args["error"]} if "error" in args else {}),
         }
     return {"done": False, "status": "Running", "detail": {"poll": n}}
