@@ -14,9 +14,10 @@ from settings import get_settings
 
 def promptflow_connection(inp: StepInput, backend: MLBackend) -> StepResult:
     result = backend.ensure_promptflow_connection(inp.names["connection"], inp.names["endpoint"], inp.config)
-    return StepResult(
-        summary=result.summary, skipped=result.skipped, outputs=result.details, created=result.created
+    summary = result.summary + "".join(
+        f" (it served endpoint {ref.previous} before)" for ref in result.created if ref.previous
     )
+    return StepResult(summary=summary, skipped=result.skipped, outputs=result.details, created=result.created)
 
 
 def flow_runner(backend: MLBackend, inp: StepInput, deployment: str | None):

@@ -11,7 +11,8 @@ from datetime import UTC, datetime
 
 import pytest
 
-from activities.steps import cleanup_run
+from activities.integrate import promptflow_connection
+from activities.steps import StepInput, cleanup_run
 from backends.local.backend import LocalBackend
 from backends.protocol import NotFoundError, ResourceRef
 from orchestrators.finetune import cleanup_refs
@@ -103,8 +104,11 @@ def test_a_failed_run_points_the_connection_back_to_the_endpoint_it_served_befor
     first, second = local.make_endpoint("phi3ft-conn-first"), local.make_endpoint("phi3ft-conn-second")
     made = local.ensure_promptflow_connection(CONNECTION, first).created
     assert [r.previous for r in made] == [None]  # nothing there before: this run made it
-    (taken,) = local.ensure_promptflow_connection(CONNECTION, second).created
+    step = StepInput(run_id="r2", config=RunConfig(), names={"connection": CONNECTION, "endpoint": second})
+    result = promptflow_connection(step, local)  # the second run's step
+    (taken,) = result.created
     assert taken.previous == first
+    assert result.summary.endswith(f"-> endpoint {second} (it served endpoint {first} before)")
 
     actions = fail_and_clean(local, second, [taken])
 
