@@ -57,6 +57,7 @@ class RunSummary(BaseModel):
     published_flow: dict[str, Any] | None = None  # Azure: the chat flow in an Azure AI Foundry project
     evaluation: dict[str, Any] | None = None
     created_resources: list[dict[str, Any]] = Field(default_factory=list)
+    created_not_shown: int | None = None  # an abridged status lists the first 20 only
     error: dict[str, Any] | None = None
     # With cleanup_on_failure: what a failed run's cleanup did, and what it could not finish.
     cleanup: dict[str, Any] | None = None
@@ -196,6 +197,7 @@ def build_summary(
         connection=outputs.get("connection"),
         published_flow=outputs.get("published_flow"),
         created_resources=progress.get("created", []),
+        created_not_shown=progress.get("created_not_shown"),
         error=progress.get("error"),
         cleanup=outputs.get("cleanup"),
         abridged=bool(progress.get("abridged")),

@@ -78,6 +78,7 @@ def test_a_failed_run_keeps_its_error_and_what_it_created_first():
     assert summary.error["message"].startswith("Azure said: the quota is exhausted")
     assert summary.current_step == "deployment"
     assert [r["name"] for r in summary.created_resources[:2]] == ["ra-0000", "ra-0001"]
+    assert len(summary.created_resources) + summary.created_not_shown == 400
     assert summary.abridged
 
 
