@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from backends.protocol import (
+    BackendError,
     DataAssets,
     MLBackend,
     NotFoundError,
@@ -309,11 +310,13 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
     Idempotent: what is not there is skipped. A deletion still under way after the backend's short
     wait (an Azure endpoint takes minutes) is handed back in ``pending``, to be called again with those
     refs and ``under_way: true`` after a durable timer (then "not there" means "deleted"); ``actions``
-    says what was done. Connections go first, while the run's endpoint still tells whether they point
-    at it (see ``clean_connection``).
+    says what was done, ``failed`` what could not be (the others are undone all the same).
+    Connections go first, while the run's endpoint still tells whether they point at it (see
+    ``clean_connection``).
     """
     actions: list[str] = []
     pending: list[dict] = []
+    failed: list[str] = []
     under_way = bool(payload.get("under_way"))
     refs = [ResourceRef.model_validate(r) for r in payload.get("created", [])]
     own_endpoint = (payload.get("names") or {}).get("endpoint")
@@ -336,7 +339,11 @@ def cleanup_run(payload: dict, backend: MLBackend) -> dict:
         except StillProvisioning as still:
             pending.append(ref.model_dump())
             log.info("cleanup: %s %s is still under way: %s", ref.kind, ref.name, still)
-    return {"actions": actions, "pending": pending}
+        except BackendError as exc:  # one that cannot be undone must not keep the others (an endpoint
+            # that bills by the hour) from going; the idle-endpoint timer is the backstop
+            failed.append(f"{ref.kind} {ref.name}: {exc}"[:500])
+            log.warning("cleanup: could not undo %s %s: %s", ref.kind, ref.name, exc)
+    return {"actions": actions, "pending": pending, "failed": failed}
 
 
 def clean_connection(backend: MLBackend, ref: ResourceRef, own_endpoint: str | None) -> str | None:

@@ -104,6 +104,7 @@ class PipelineRun:
         deadline = self.context.current_utc_datetime + CLEANUP_TIMEOUT
         interval = polling.initial_seconds
         actions: list[str] = []
+        failed: list[str] = []
         under_way = False
         while True:
             try:
@@ -111,15 +112,17 @@ class PipelineRun:
                     "cleanup_run", STEP_RETRY, self.payload() | {"created": refs, "under_way": under_way}
                 )
             except Exception as exc:  # retries exhausted
-                return {"actions": actions, "error": _activity_error(exc), "left": refs}
+                return {"actions": actions, "error": _activity_error(exc), "left": refs} | _failed(failed)
             actions += result.get("actions", [])
+            failed += result.get("failed", [])
             refs, under_way = result.get("pending") or [], True
             if not refs:
-                return {"actions": actions}
+                return {"actions": actions} | _failed(failed)
             now = self.context.current_utc_datetime
             if now >= deadline:
-                return {"actions": actions, "error": "deletions still under way after 2 h", "left": refs}
-            self.progress.outputs["cleanup"] = {"actions": actions, "pending": refs}
+                left = {"actions": actions, "error": "deletions still under way after 2 h", "left": refs}
+                return left | _failed(failed)
+            self.progress.outputs["cleanup"] = {"actions": actions, "pending": refs} | _failed(failed)
             self.publish()
             yield self.context.create_timer(now + timedelta(seconds=interval))
             interval = min(interval * polling.backoff, polling.max_seconds)
@@ -181,6 +184,10 @@ def cleanup_refs(created: list[ResourceRef], failed_step: str, names: dict[str, 
         if attempted not in refs:
             refs.append(attempted)
     return [ref.model_dump() for ref in refs]
+
+
+def _failed(failed: list[str]) -> dict:
+    return {"failed": failed} if failed else {}
 
 
 def _activity_error(exc: Exception) -> str:

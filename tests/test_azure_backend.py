@@ -164,6 +164,6 @@ def test_cleanup_hands_back_a_deletion_under_way_and_finishes_it_when_called_aga
         results.append(cleanup_run({"created": results[-1]["pending"], "under_way": True}, azure_backend))
 
     assert first["actions"] == [] and [r["name"] for r in first["pending"]] == ["phi3ft-gone"]
-    assert results[-1] == {"actions": ["deleted endpoint phi3ft-gone"], "pending": []}
+    assert results[-1] == {"actions": ["deleted endpoint phi3ft-gone"], "pending": [], "failed": []}
     assert calls(fake_azure, "online-endpoint").count("DELETE 202") >= 1
     assert fake_azure.store.find(f"{ws}/onlineEndpoints/phi3ft-gone") is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -57,7 +58,7 @@ def test_cleanup_skips_what_was_never_made(tmp_path):
     backend = LocalBackend(AppSettings(PHI3_STATE_DIR=str(tmp_path)), restart_endpoints=False)
     refs = [{"kind": "job", "name": "phi3ft-never"}, {"kind": "endpoint", "name": "phi3ft-never"}]
 
-    assert cleanup_run({"created": refs}, backend) == {"actions": [], "pending": []}
+    assert cleanup_run({"created": refs}, backend) == {"actions": [], "pending": [], "failed": []}
 
 
 # The shared Prompt flow connection ----------------------------------------------------------------
@@ -71,12 +72,13 @@ def served_by(backend, name: str, project: str | None = None) -> str | None:
     return next((ep.name for ep in backend.list_endpoints() if ep.scoring_uri == target), target)
 
 
-def fail_and_clean(backend, endpoint: str, connection_refs: list[ResourceRef]) -> list[str]:
+def fail_and_clean(backend, endpoint: str, connection_refs: list[ResourceRef], failed=()) -> list[str]:
     """A failed run that made ``endpoint`` and the connections, cleaned up as the orchestrator does."""
     created = [ResourceRef(kind="endpoint", name=endpoint), *connection_refs]
     payload = {"created": [r.model_dump() for r in created], "names": {"endpoint": endpoint}}
     result = cleanup_run(payload, backend)
-    assert result["pending"] == []
+    assert result["pending"] == [] and len(result["failed"]) == len(failed)
+    assert all(fragment in problem for fragment, problem in zip(failed, result["failed"], strict=True))
     return result["actions"]
 
 
@@ -150,6 +152,19 @@ def test_the_endpoint_served_before_being_gone_too_the_connection_is_deleted(loc
 
     assert fail_and_clean(local, second, [taken])[0] == f"deleted connection {CONNECTION}"
     assert local.promptflow_connection_target(CONNECTION) is None
+
+
+def test_a_connection_that_cannot_be_pointed_back_does_not_keep_the_endpoint_from_going(local):
+    first, second = local.make_endpoint("phi3ft-conn-first"), local.make_endpoint("phi3ft-conn-second")
+    local.ensure_promptflow_connection(CONNECTION, first)
+    (taken,) = local.ensure_promptflow_connection(CONNECTION, second).created
+    keys = Path(local.root) / "endpoints" / first / "keys.json"
+    keys.write_text("{damaged")  # the earlier endpoint's key cannot be read to point the connection back
+
+    actions = fail_and_clean(local, second, [taken], failed=[f"{first}/keys.json is damaged"])
+
+    assert actions == [f"deleted endpoint {second}"]
+    assert second not in {ep.name for ep in local.list_endpoints()}
 
 
 def stored_key(backend: LocalBackend, name: str) -> str:
