@@ -7,10 +7,9 @@ from pathlib import Path
 from activities.integrate import flow_runner
 from activities.steps import StepInput, run_dir
 from backends.protocol import MLBackend, ResourceRef
+from pipeline.config import BASE_DEPLOYMENT
 from pipeline.evaluation import evaluate_base_vs_finetuned, load_eval_cases
 from pipeline.steps import StepResult
-
-BASE_DEPLOYMENT = "base"
 
 
 def base_deployment(inp: StepInput, backend: MLBackend) -> StepResult:

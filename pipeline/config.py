@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from settings import PROJECT_ROOT, AppSettings
 
@@ -76,7 +76,8 @@ class Hyperparameters(_Section):
 
 
 class ComputeSection(_Section):
-    name: str = Field("gpu-a100", pattern=r"^[a-zA-Z][-a-zA-Z0-9]{1,15}$")
+    # Azure: 2-16 letters, digits and hyphens, starting with a letter and ending with a letter or digit.
+    name: str = Field("gpu-a100", pattern=r"^[a-zA-Z][-a-zA-Z0-9]{0,14}[a-zA-Z0-9]$")
     size: str = Field("Standard_NC24ads_A100_v4", min_length=1)
     min_instances: int = Field(0, ge=0, le=100)
     max_instances: int = Field(1, ge=1, le=100)
@@ -109,12 +110,26 @@ class DeploymentSection(_Section):
     request_timeout_ms: int = Field(90000, ge=1000, le=180000)
     max_new_tokens: int = Field(256, ge=1, le=4096)
 
+    @field_validator("deployment_name")
+    @classmethod
+    def _not_the_base_deployment(cls, value: str) -> str:
+        if value.lower() == BASE_DEPLOYMENT:
+            raise ValueError(
+                f"'{BASE_DEPLOYMENT}' is the evaluation's base-model deployment on the same endpoint; pick "
+                "another name"
+            )
+        return value
+
 
 WORKSPACE_NAME_PATTERN = r"^[a-zA-Z0-9][a-zA-Z0-9_-]{2,32}$"  # Azure ML workspace / hub / project names
+MAX_WORKSPACE_NAME = 33
+DEFAULT_WORKSPACE = "phi3-finetune"
+BASE_DEPLOYMENT = "base"  # the evaluation's base-model deployment beside the fine-tuned one
 
 
 class PromptflowSection(_Section):
-    connection_name: str = Field("phi3-endpoint", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Azure's workspace connection name rule (3-33 characters), on both backends alike.
+    connection_name: str = Field("phi3-endpoint", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_-]{2,32}$")
     flow: str = "flows/phi3_chat"
     # Azure only (the tutorial's scenario 3); the local backend never publishes and ignores these.
     publish: bool = Field(
@@ -157,8 +172,8 @@ class AzureSection(_Section):
     subscription_id: str | None = None
     resource_group: str | None = None
     location: str | None = None
-    workspace: str | None = None
-    identity_name: str = Field("phi3-finetune-identity", min_length=3, max_length=128)
+    workspace: str | None = Field(None, pattern=WORKSPACE_NAME_PATTERN)
+    identity_name: str = Field("phi3-finetune-identity", pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_-]{2,127}$")
     registry: str = "azureml"
 
 
@@ -316,7 +331,53 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
         ):
             if not value:
                 add(field, f"required with PHI3_BACKEND=azure (or set the app setting {setting})")
+        problems += _workspace_name_problems(cfg, settings)
     return problems
+
+
+def foundry_names(workspace: str, cfg: RunConfig) -> tuple[str, str]:
+    """The Azure AI Foundry hub and project of a run on ``workspace``: serverless fine-tuning's own
+    project (the workspace, on ``<workspace>-hub``), and where the flow is published (by default the
+    same in serverless mode, ``<workspace>-hub`` / ``<workspace>-project`` for managed compute)."""
+    pf = cfg.promptflow
+    hub = pf.hub or f"{workspace}-hub"
+    project = pf.project or (workspace if cfg.mode == "serverless" else f"{workspace}-project")
+    return hub, project
+
+
+def _workspace_name_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProblem]:
+    """The workspace (the app setting's, which the run config cannot override) and the hub and project
+    names derived from it, refused now rather than by Azure after other resources were made."""
+    workspace = cfg.azure.workspace or settings.azure_workspace or DEFAULT_WORKSPACE
+    if not re.fullmatch(WORKSPACE_NAME_PATTERN, workspace):
+        return [
+            ConfigProblem(
+                field="azure.workspace",
+                message=(
+                    f"the app setting AZURE_ML_WORKSPACE '{workspace}' is not an Azure ML workspace name: "
+                    "3-33 letters, digits, '-' or '_', starting with a letter or digit"
+                ),
+            )
+        ]
+    derived: list[tuple[str, str, str, str]] = []  # field, what, name, the fix
+    hub, project = foundry_names(workspace, cfg)
+    if cfg.mode == "serverless":  # the workspace step makes the project's hub
+        derived.append(("azure.workspace", "hub", f"{workspace}-hub", "use a shorter workspace name"))
+    elif cfg.promptflow.publish:
+        derived.append(("promptflow.hub", "hub", hub, "set promptflow.hub to a shorter name"))
+    if cfg.promptflow.publish:
+        derived.append(("promptflow.project", "project", project, "set promptflow.project to a shorter name"))
+    return [
+        ConfigProblem(
+            field=field,
+            message=(
+                f"the Azure AI Foundry {what} name '{name}' (derived from the workspace '{workspace}') is "
+                f"longer than {MAX_WORKSPACE_NAME} characters; {fix}"
+            ),
+        )
+        for field, what, name, fix in derived
+        if len(name) > MAX_WORKSPACE_NAME
+    ]
 
 
 def _local_model_problems(name: str, settings: AppSettings) -> list[ConfigProblem]:

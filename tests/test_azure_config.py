@@ -109,6 +109,19 @@ def test_a_hyperparameter_the_component_does_not_declare_is_refused(
     assert writes(fake_azure) == []
 
 
+def test_a_new_workspace_named_with_a_digit_first_is_refused_before_its_template(
+    azure_settings, fake_azure: FakeAzure, monkeypatch
+):
+    # azure-ai-ml would name the workspace's Key Vault "9liveswskeyvault…", which Key Vault refuses.
+    monkeypatch.setenv("AZURE_ML_WORKSPACE", "9-lives-ws")
+    with pytest.raises(BackendError, match="needs a name that starts with a letter, not '9-lives-ws'"):
+        AzureBackend(AppSettings()).ensure_workspace(config(AppSettings()))
+    assert "PUT workspace" not in writes(fake_azure)
+    assert not [
+        e for e in fake_azure.server.exchanges if e.route == "template-deployment" and e.method == "PUT"
+    ]
+
+
 def test_a_run_config_pointing_at_another_workspace_than_the_app_settings_is_refused(
     azure_backend: AzureBackend,
 ):

@@ -27,6 +27,7 @@ def problems(body, settings) -> dict[str, str]:
 
 
 SMOKE = {"preset": "smoke"}
+SMOKE_AZURE = {"dataset": {"hub_id": None, "files": ["sample_data/support_chats.jsonl"]}}
 
 BAD_CONFIGS = [
     ({**SMOKE, "colour": "blue"}, "colour", "unknown field"),
@@ -107,6 +108,16 @@ BAD_CONFIGS = [
     ({}, "model.name", "PHI3_LOCAL_CHECKPOINT_DIR"),
     ({**SMOKE, "evaluation": {"sample_size": 0}}, "evaluation.sample_size", "greater than or equal to 1"),
     ({**SMOKE, "promptflow": {"connection_name": "has space"}}, "promptflow.connection_name", "pattern"),
+    # Names Azure refuses are refused here, not after the fine-tune and the deployment.
+    ({**SMOKE, "promptflow": {"connection_name": "ab"}}, "promptflow.connection_name", "pattern"),
+    ({**SMOKE, "promptflow": {"connection_name": "_x1"}}, "promptflow.connection_name", "pattern"),
+    ({**SMOKE, "promptflow": {"connection_name": "c" * 34}}, "promptflow.connection_name", "pattern"),
+    ({**SMOKE, "compute": {"name": "gpu-"}}, "compute.name", "pattern"),
+    ({**SMOKE, "compute": {"name": "g" * 17}}, "compute.name", "pattern"),
+    ({**SMOKE, "azure": {"identity_name": "my.identity"}}, "azure.identity_name", "pattern"),
+    ({**SMOKE, "azure": {"identity_name": "-id"}}, "azure.identity_name", "pattern"),
+    ({**SMOKE, "azure": {"workspace": "my.ws"}}, "azure.workspace", "pattern"),
+    ({**SMOKE, "deployment": {"deployment_name": "Base"}}, "deployment.deployment_name", "base-model"),
     ({**SMOKE, "promptflow": {"flow": "flows/nope"}}, "promptflow.flow", "no flow.dag.yaml"),
     # Names the system refuses (longer than a file name may be) are no file, not a crash.
     ({**SMOKE, "promptflow": {"flow": "f" * 5000}}, "promptflow.flow", "(5000 characters) is not a Prompt"),
@@ -151,6 +162,43 @@ def test_schema_and_semantic_problems_are_reported_together(local):
 
 def test_body_must_be_an_object(local):
     assert "(body)" in problems([1, 2], local)
+
+
+def test_a_bad_workspace_setting_is_refused_naming_the_setting():
+    settings = AppSettings(
+        PHI3_BACKEND="azure",
+        AZURE_SUBSCRIPTION_ID="sub",
+        AZURE_RESOURCE_GROUP="rg",
+        AZURE_LOCATION="eastus2",
+        AZURE_ML_WORKSPACE="team.workspace",
+    )
+    found = problems(SMOKE_AZURE, settings)
+    assert "AZURE_ML_WORKSPACE 'team.workspace' is not an Azure ML workspace name" in found["azure.workspace"]
+
+
+@pytest.mark.parametrize(
+    ("mode", "workspace", "field", "derived"),
+    [
+        ("serverless", "w" * 30, "azure.workspace", "w" * 30 + "-hub"),  # made by the workspace step
+        (
+            "managed_compute",
+            "w" * 26,
+            "promptflow.project",
+            "w" * 26 + "-project",
+        ),  # made to publish the flow
+    ],
+)
+def test_derived_foundry_names_too_long_for_azure_are_refused_before_the_run(
+    azure, mode, workspace, field, derived
+):
+    found = problems({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": workspace}}, azure)
+
+    assert f"name '{derived}' (derived from the workspace '{workspace}') is longer than 33" in found[field]
+
+
+def test_a_short_enough_workspace_passes_in_both_modes(azure):
+    for mode in ("serverless", "managed_compute"):
+        parse_run_config({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": "w" * 25}}, azure)
 
 
 def test_schedules_only_azure_runs_are_taken_there(azure):

@@ -33,7 +33,7 @@ from backends.protocol import (
     SetupResult,
     connection_ref,
 )
-from pipeline.config import RunConfig, resolve_project_path
+from pipeline.config import DEFAULT_WORKSPACE, RunConfig, resolve_project_path
 from pipeline.naming import RunNames
 from settings import AppSettings
 
@@ -42,7 +42,6 @@ from .clients import AzureClients, AzureSession, AzureTarget
 
 log = logging.getLogger(__name__)
 
-DEFAULT_WORKSPACE = "phi3-finetune"
 SERVERLESS_REGION = "eastus2"
 SERVERLESS_NO_IDENTITY = (
     "serverless mode: the fine-tune and the serverless endpoint run in Azure AI Foundry's own capacity, "

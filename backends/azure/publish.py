@@ -35,7 +35,7 @@ import yaml
 from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
 
 from backends.protocol import BackendError, ResourceRef, hands_back_with
-from pipeline.config import RunConfig
+from pipeline.config import MAX_WORKSPACE_NAME, RunConfig, foundry_names
 
 from . import setup
 from .clients import AzureClients
@@ -43,7 +43,6 @@ from .errors import TRANSIENT_STATUS, azure_errors, describe
 
 log = logging.getLogger(__name__)
 
-MAX_WORKSPACE_NAME = 33
 STAGED_SUFFIXES = (".yaml", ".yml", ".py", ".txt", ".jinja2", ".json", ".md")
 CLOUD_ONLY = (
     "chatting in the portal needs a compute session, which runs only in Azure: open the flow, "
@@ -74,10 +73,9 @@ class PublishedFlow:
 
 
 def foundry_place(workspace: str, cfg: RunConfig) -> FoundryPlace:
-    """The hub and project the flow goes to (see the module docstring)."""
-    pf = cfg.promptflow
-    hub = pf.hub or f"{workspace}-hub"
-    project = pf.project or (workspace if cfg.mode == "serverless" else f"{workspace}-project")
+    """The hub and project the flow goes to (see the module docstring); the run config refuses derived
+    names that are too long, this says so again for a workspace named after the run started."""
+    hub, project = foundry_names(workspace, cfg)
     for field, name in (("hub", hub), ("project", project)):
         if len(name) > MAX_WORKSPACE_NAME:
             raise BackendError(
@@ -118,6 +116,7 @@ def ensure_project(
             lambda: Project(name=place.project, hub_id=hub.id, location=location, tags=tags),
             budget_s,
             refs,
+            with_key_vault=False,
         )
     return FoundryProject(name=project.name, hub=hub.name, location=project.location), refs
 

@@ -154,12 +154,22 @@ def _ensure_named_workspace(
     make_entity: Callable[[], object],
     budget_s: float,
     created: list[ResourceRef],
+    with_key_vault: bool = True,
 ) -> WorkspaceInfo:
-    """Get-or-create one workspace/hub/project; never a second template while one is running. A create
-    this call starts goes into `created` at once, before the wait that may hand back."""
+    """Get-or-create one workspace/hub/project (a project has no Key Vault of its own); never a second
+    template while one is running. A create this call starts goes into `created` at once, before the
+    wait that may hand back."""
     found = read_workspace(clients, name)
     if found is not None:
         return found
+    if not name[:1].isalpha() and with_key_vault:
+        # A workspace or hub comes with a Key Vault that azure-ai-ml names after the workspace's first
+        # characters; a vault name must start with a letter, so the template would fail on a name the
+        # user never chose.
+        raise BackendError(
+            f"a new Azure ML workspace or hub needs a name that starts with a letter, not '{name}' (its "
+            "Key Vault is named after it); choose another name"
+        )
     with azure_errors(f"create workspace '{name}'"):
         in_flight = _running(_template_deployments(clients, name))
         if in_flight is None:
@@ -219,6 +229,7 @@ def _ensure_workspace(
             lambda: Project(name=name, hub_id=hub.id, location=location, tags=tags),
             budget_s,
             created,
+            with_key_vault=False,
         )
         return project, created
 
