@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from activities.integrate import flow_runner
 from activities.steps import StepInput, run_dir
 from backends.protocol import MLBackend, ResourceRef
 from pipeline.config import BASE_DEPLOYMENT
-from pipeline.evaluation import evaluate_base_vs_finetuned, load_eval_cases
+from pipeline.evaluation import EvalProgress, evaluate_base_vs_finetuned, load_eval_cases
 from pipeline.steps import StepResult
+from settings import get_settings
 
 
 def base_deployment(inp: StepInput, backend: MLBackend) -> StepResult:
@@ -43,7 +45,10 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
         base.answer_conversation if base else None,
         out_dir=run_dir(inp.run_id) / "evaluation",
         base_skipped=None if base else "no base model deployment (see the base_deployment step)",
+        until=time.monotonic() + get_settings().evaluation_call_budget_s,
     )
+    if isinstance(comparison, EvalProgress):  # the orchestrator calls again after a durable timer
+        return StepResult(pending=str(comparison))
     out_dir = run_dir(inp.run_id) / "evaluation"
     artifacts = [
         p

@@ -22,6 +22,7 @@ from flows.environment import ensure_promptflow_configured
 from settings import get_settings
 
 Answerer = Callable[[list[dict[str, str]]], str]
+monotonic = time.monotonic  # the evaluation's clock for ``until`` (one name, so a test can turn it)
 
 
 class EvalRow(BaseModel):
@@ -90,10 +91,22 @@ def _scorers():
     return (rouge_l, lambda answer, ref: f1(response=answer, ground_truth=ref)["f1_score"])
 
 
-def evaluate_answers(cases: list[tuple[list[dict[str, str]], str]], answer: Answerer) -> list[EvalRow]:
+def evaluate_answers(
+    cases: list[tuple[list[dict[str, str]], str]],
+    answer: Answerer,
+    *,
+    done: Sequence[EvalRow] = (),
+    until: float | None = None,
+    record: Callable[[EvalRow], None] | None = None,
+) -> list[EvalRow]:
+    """``done`` and the rows after it; after the first, none is started once ``time.monotonic()`` passes
+    ``until`` (the caller sees fewer rows than cases and calls again: every call makes progress).
+    ``record`` keeps each row as it is scored."""
     rouge, f1 = _scorers()
-    rows = []
-    for i, (messages, reference) in enumerate(cases):
+    rows = list(done)
+    for i, (messages, reference) in enumerate(cases[len(rows) :], start=len(rows)):
+        if until is not None and i > len(done) and monotonic() >= until:
+            break
         row = EvalRow(index=i, question=messages[-1]["content"], reference=reference)
         started = time.perf_counter()
         try:
@@ -104,7 +117,35 @@ def evaluate_answers(cases: list[tuple[list[dict[str, str]], str]], answer: Answ
         if row.answer is not None:
             row.rouge_l, row.f1 = round(rouge(row.answer, reference), 4), round(f1(row.answer, reference), 4)
         rows.append(row)
+        if record is not None:
+            record(row)
     return rows
+
+
+def rows_done(path: Path, cases: list[tuple[list[dict[str, str]], str]]) -> list[EvalRow]:
+    """The rows an earlier call scored into ``path``, while they are the first of these ``cases`` in
+    order (anything else, such as a changed test split, starts over)."""
+    if not path.is_file():
+        return []
+    rows: list[EvalRow] = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = EvalRow.model_validate_json(line)
+        except ValueError:
+            break  # a line cut short by a killed worker: that row is answered again
+        i = len(rows)
+        if row.index != i or i >= len(cases) or row.question != cases[i][0][-1]["content"]:
+            break
+        rows.append(row)
+    return rows
+
+
+def _append_to(path: Path) -> Callable[[EvalRow], None]:
+    def append(row: EvalRow) -> None:
+        with path.open("a", encoding="utf-8") as out:
+            out.write(row.model_dump_json() + "\n")
+
+    return append
 
 
 def summarize(rows: list[EvalRow]) -> EvalMetrics:
@@ -132,6 +173,18 @@ def write_rows(rows: Sequence[BaseModel], path: Path) -> Path:
     return path
 
 
+class EvalProgress(BaseModel):
+    """An evaluation that ran out of its call's time: what is scored so far (on disk, resumed next call)."""
+
+    finetuned_rows: int
+    base_rows: int | None
+    cases: int
+
+    def __str__(self) -> str:
+        base = f", base {self.base_rows}" if self.base_rows is not None else ""
+        return f"{self.finetuned_rows}{base} of {self.cases} conversations answered"
+
+
 def evaluate_base_vs_finetuned(
     cases: list[tuple[list[dict[str, str]], str]],
     answer_finetuned: Answerer,
@@ -139,18 +192,30 @@ def evaluate_base_vs_finetuned(
     *,
     out_dir: Path,
     base_skipped: str | None = None,
-) -> ModelComparison:
+    until: float | None = None,
+) -> ModelComparison | EvalProgress:
     """Score both models on the same ``cases``; per-row results go to ``out_dir`` as JSONL.
 
     ``answer_base`` None means the base model is not evaluated (``base_skipped`` says why, e.g. on
     Azure without a base deployment). Files: ``finetuned.jsonl``, ``base.jsonl`` and
-    ``side_by_side.jsonl`` (one line per conversation with both answers and scores).
+    ``side_by_side.jsonl`` (one line per conversation with both answers and scores). Each row is kept as
+    it is scored, so a call that reaches ``until`` (a ``time.monotonic()`` value) returns an
+    ``EvalProgress`` and the next call goes on from there; a Functions activity stays under its timeout.
     """
-    finetuned_rows = evaluate_answers(cases, answer_finetuned)
-    write_rows(finetuned_rows, out_dir / "finetuned.jsonl")
-    base_rows = evaluate_answers(cases, answer_base) if answer_base is not None else None
-    if base_rows is not None:
-        write_rows(base_rows, out_dir / "base.jsonl")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {"finetuned": out_dir / "finetuned.jsonl", "base": out_dir / "base.jsonl"}
+    answerers = {"finetuned": answer_finetuned, "base": answer_base}
+    rows: dict[str, list[EvalRow]] = {}
+    for model, answer in answerers.items():
+        if answer is None:
+            continue
+        done = rows_done(files[model], cases)
+        write_rows(done, files[model])  # drops whatever followed them
+        rows[model] = evaluate_answers(cases, answer, done=done, until=until, record=_append_to(files[model]))
+        if len(rows[model]) < len(cases):
+            base_rows = len(rows["base"]) if "base" in rows else (0 if answer_base else None)
+            return EvalProgress(finetuned_rows=len(rows["finetuned"]), base_rows=base_rows, cases=len(cases))
+    finetuned_rows, base_rows = rows["finetuned"], rows.get("base")
     side_by_side = [
         SideBySideRow(
             index=row.index,

@@ -1,0 +1,113 @@
+"""The evaluation goes on where it stopped: a Functions activity must end within host.json's
+functionTimeout, so the evaluate step asks the models until its time budget is spent, keeps every scored
+row on disk, and the next call (after the orchestrator's durable timer) resumes from them. Each
+conversation is answered once per model, across calls and across a worker killed mid-write.
+
+The answerers here are plain functions standing in for the endpoint (outside this code); the real
+flow runner answering through a deployment is tests/test_flow.py's; the clock is a counter, so where
+a call stops does not depend on this machine's speed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections import Counter
+
+import pytest
+
+import pipeline.evaluation as evaluation
+from pipeline.evaluation import EvalProgress, ModelComparison, evaluate_base_vs_finetuned
+
+CASES = [([{"role": "user", "content": f"question {i}?"}], f"answer {i}") for i in range(5)]
+
+
+class Models:
+    def __init__(self) -> None:
+        self.asked: Counter[tuple[str, str]] = Counter()
+
+    def answerer(self, model: str):
+        def answer(messages: list[dict[str, str]]) -> str:
+            question = messages[-1]["content"]
+            self.asked[(model, question)] += 1
+            return question.replace("question", "answer").rstrip("?") if model == "finetuned" else "no idea"
+
+        return answer
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """time.monotonic() as 0, 1, 2, ... from each ``clock()`` on."""
+
+    def restart() -> None:
+        ticks = itertools.count()
+        monkeypatch.setattr(evaluation, "monotonic", lambda: next(ticks))
+
+    restart()
+    return restart
+
+
+def run(models: Models, out_dir, until: float | None):
+    return evaluate_base_vs_finetuned(
+        CASES, models.answerer("finetuned"), models.answerer("base"), out_dir=out_dir, until=until
+    )
+
+
+def test_a_call_that_runs_out_of_time_hands_back_and_the_next_goes_on_from_its_rows(tmp_path, clock):
+    models = Models()
+
+    # A question is started while the clock is short of the budget: 3 ticks, then it is spent (the
+    # first question of a call is always asked, so every call makes progress).
+    first = run(models, tmp_path, until=3)
+
+    assert isinstance(first, EvalProgress)
+    assert (first.finetuned_rows, first.base_rows, first.cases) == (4, 0, 5)
+    assert str(first) == "4, base 0 of 5 conversations answered"
+    clock()
+    second = run(models, tmp_path, until=2)  # the last fine-tuned one, then 3 of the base model's
+    assert isinstance(second, EvalProgress) and (second.finetuned_rows, second.base_rows) == (5, 3)
+    clock()
+    done = run(models, tmp_path, until=None)
+
+    assert isinstance(done, ModelComparison)
+    assert (done.finetuned.rows, done.base.rows, done.finetuned.errors) == (5, 5, 0)
+    assert done.finetuned.rouge_l == 1.0 and done.delta["rouge_l"] > 0
+    assert set(models.asked.values()) == {1} and len(models.asked) == 10  # each asked once per model
+    side_by_side = [json.loads(line) for line in (tmp_path / "side_by_side.jsonl").read_text().splitlines()]
+    assert [row["index"] for row in side_by_side] == list(range(5))
+
+
+def test_every_call_answers_at_least_one_question_however_small_the_budget(tmp_path, clock):
+    models = Models()
+    calls = 0
+    while not isinstance(result := run(models, tmp_path, until=-1), ModelComparison):
+        calls += 1
+        assert calls <= 10, result
+        clock()
+
+    assert calls == 8 and set(models.asked.values()) == {1}  # one question a call, two in the fifth
+
+
+def test_a_row_cut_short_by_a_killed_worker_is_asked_again_and_nothing_else_is(tmp_path, clock):
+    models = Models()
+    run(models, tmp_path, until=3)
+    rows = tmp_path / "finetuned.jsonl"
+    rows.write_text(rows.read_text()[:-20])  # the fourth row's write was cut off
+
+    clock()
+    done = run(models, tmp_path, until=None)
+
+    assert isinstance(done, ModelComparison) and done.finetuned.rows == 5
+    assert models.asked[("finetuned", "question 3?")] == 2
+    assert sum(models.asked.values()) == 11
+
+
+def test_rows_of_other_questions_are_not_reused(tmp_path, clock):
+    models = Models()
+    run(models, tmp_path, until=3)
+    changed = [([{"role": "user", "content": "something else?"}], "x"), *CASES[1:]]
+
+    done = evaluate_base_vs_finetuned(changed, models.answerer("finetuned"), None, out_dir=tmp_path)
+
+    assert isinstance(done, ModelComparison) and done.finetuned.rows == 5 and done.base is None
+    assert models.asked[("finetuned", "question 1?")] == 2  # the test split changed: all asked anew
