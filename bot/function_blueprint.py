@@ -22,6 +22,7 @@ from bot.commands import DurableRunStatus
 from bot.phi3_bot import TURN_SERVICES, TurnServices
 from bot.proactive import DELIVERY_INSTANCE_PREFIX, delivery_instance_id
 from bot.runtime import get_runtime
+from orchestrators.instances import list_instances
 from settings import get_settings
 
 log = logging.getLogger("bot.deliveries")
@@ -77,29 +78,26 @@ async def bot_deliver_answer(pending: dict) -> dict:
 # that never reached its user.
 PURGE_SCHEDULE = "0 23 * * * *"  # hourly
 PURGED_STATES = [df.OrchestrationRuntimeStatus.Completed, df.OrchestrationRuntimeStatus.Terminated]
-MAX_PURGE_ROUNDS = 100  # of one query page (100 on Azure) each
 
 
 async def purge_finished_deliveries(client: df.DurableOrchestrationClient, older_than: datetime) -> int:
     """Purge the deliveries that finished and were created before ``older_than``; how many went.
 
-    A query answers one page (the SDK drops the continuation token), but what is purged leaves the next
-    query's first page, so asking again until nothing new comes back reaches them all.
+    Every page of the query is read (``list_instances`` follows the continuation token: a page may
+    be empty and still have a successor, which the SDK's ``get_status_by`` would take for the end).
     """
-    purged: set[str] = set()
-    for _ in range(MAX_PURGE_ROUNDS):
-        finished = await client.get_status_by(
-            created_time_to=older_than,
-            runtime_status=PURGED_STATES,
-            instance_id_prefix=DELIVERY_INSTANCE_PREFIX,
-        )
-        fresh = [s.instance_id for s in finished if s.instance_id and s.instance_id not in purged]
-        if not fresh:
-            break
-        for instance_id in fresh:
-            await client.purge_instance_history(instance_id)
-            purged.add(instance_id)
-    return len(purged)
+    finished = await list_instances(
+        client,
+        instance_id_prefix=DELIVERY_INSTANCE_PREFIX,
+        runtime_status=PURGED_STATES,
+        created_time_to=older_than,
+    )
+    purged = 0
+    for status in finished:
+        if status.instance_id:
+            result = await client.purge_instance_history(status.instance_id)
+            purged += result.instances_deleted
+    return purged
 
 
 @bp.timer_trigger(schedule=PURGE_SCHEDULE, arg_name="timer", run_on_startup=False, use_monitor=True)

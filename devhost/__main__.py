@@ -43,6 +43,13 @@ def main(argv: list[str] | None = None) -> int:
         "provider may: proves a client follows the continuation token (default: as asked; env "
         "DEVHOST_DURABLE_MAX_PAGE)",
     )
+    parser.add_argument(
+        "--empty-first-page",
+        action="store_true",
+        default=os.environ.get("DEVHOST_DURABLE_EMPTY_FIRST_PAGE") == "1",
+        help="answer each Durable instance query's first request with no instances and a continuation "
+        "token, as the Azure Table service may (env DEVHOST_DURABLE_EMPTY_FIRST_PAGE=1)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -51,7 +58,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     try:
-        asyncio.run(serve(args.root, args.port, args.state, plugins=[webchat_plugin], max_page=args.max_page))
+        asyncio.run(
+            serve(
+                args.root,
+                args.port,
+                args.state,
+                plugins=[webchat_plugin],
+                max_page=args.max_page,
+                empty_first_page=args.empty_first_page,
+            )
+        )
     except AppLoadError as exc:
         print(f"devhost: cannot load the app: {exc}", file=sys.stderr)
         return 2

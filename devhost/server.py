@@ -57,9 +57,11 @@ class DevHost:
         bind: str = "127.0.0.1",
         plugins: list[RoutePlugin] | None = None,
         max_page: int | None = None,
+        empty_first_page: bool = False,
     ):
         self.root = root.resolve()
         self.max_page = max_page
+        self.empty_first_page = empty_first_page
         self.bind = bind
         self.port = port
         self.state_dir = (state_dir or self.root / ".devhost").resolve()
@@ -87,7 +89,9 @@ class DevHost:
         self.timers = {t.name.lower(): TimerTrigger(t, self.store, self.invoker) for t in self.index.timers}
         self.http = HttpTriggers(self.index, self.invoker)
         app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
-        app.add_routes(ManagementApi(self.engine, self.index.task_hub, self.max_page).routes())
+        app.add_routes(
+            ManagementApi(self.engine, self.index.task_hub, self.max_page, self.empty_first_page).routes()
+        )
         app.add_routes(
             [
                 web.get("/admin/host/status", self._host_status),
@@ -229,8 +233,16 @@ async def serve(
     state_dir: Path | None,
     plugins: list[RoutePlugin] | None = None,
     max_page: int | None = None,
+    empty_first_page: bool = False,
 ) -> None:
-    host = DevHost(root, port=port, state_dir=state_dir, plugins=plugins, max_page=max_page)
+    host = DevHost(
+        root,
+        port=port,
+        state_dir=state_dir,
+        plugins=plugins,
+        max_page=max_page,
+        empty_first_page=empty_first_page,
+    )
     await host.start()
     freeze_startup_heap()
     stop = asyncio.Event()

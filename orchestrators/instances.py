@@ -10,6 +10,8 @@ not list by creation time). ``list_instances`` follows the token over the same R
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 import aiohttp
 import azure.durable_functions as df
 from azure.durable_functions.models.DurableOrchestrationStatus import DurableOrchestrationStatus
@@ -26,14 +28,26 @@ class InstanceQueryError(RuntimeError):
 
 
 async def list_instances(
-    client: df.DurableOrchestrationClient, *, page_size: int = PAGE_SIZE
+    client: df.DurableOrchestrationClient,
+    *,
+    page_size: int = PAGE_SIZE,
+    instance_id_prefix: str | None = None,
+    runtime_status: list[df.OrchestrationRuntimeStatus] | None = None,
+    created_time_to: datetime | None = None,
 ) -> list[DurableOrchestrationStatus]:
-    """Every instance, without inputs (the runs API and ``/status`` need names, status and custom status)."""
+    """Every instance (or those the filters the extension's query takes select), without inputs: the
+    runs API and ``/status`` need names, status and custom status."""
     # The client keeps its binding's RPC base URL here only; it is what its own queries call.
     base = client._orchestration_bindings.rpc_base_url
     if not base:
         raise InstanceQueryError("the Durable client binding has no RPC base URL")
     params = {"top": str(page_size), "showInput": "false"}
+    if instance_id_prefix:
+        params["instanceIdPrefix"] = instance_id_prefix
+    if runtime_status:
+        params["runtimeStatus"] = ",".join(status.value for status in runtime_status)
+    if created_time_to is not None:
+        params["createdTimeTo"] = created_time_to.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     found: list[DurableOrchestrationStatus] = []
     token: str | None = None
     async with aiohttp.ClientSession(timeout=TIMEOUT) as session:

@@ -31,8 +31,10 @@ def host(tmp_path_factory):
         "PHI3_MODELS_DIR": str(PROJECT_ROOT / ".models"),
         "PHI3_BACKEND": "local",
         "HOME": str(home),
-        # Instance queries answer 2 at a time, as a storage provider may: listing must follow the token.
+        # Instance queries answer 2 at a time, the first page of each empty, as the Azure Table service
+        # may: whatever lists instances must follow the continuation token.
         "DEVHOST_DURABLE_MAX_PAGE": "2",
+        "DEVHOST_DURABLE_EMPTY_FIRST_PAGE": "1",
         "BOT_DELIVERY_HISTORY_HOURS": "0",  # the hourly purge takes every finished delivery
     }
     devhost = DevhostProcess(PROJECT_ROOT, tmp / "devhost", env=env)

@@ -161,10 +161,17 @@ DEFAULT_PAGE = 100  # the extension's page when a query gives no ``top``
 
 
 class ManagementApi:
-    def __init__(self, engine: DurableEngine, task_hub: str, max_page: int | None = None):
+    def __init__(
+        self,
+        engine: DurableEngine,
+        task_hub: str,
+        max_page: int | None = None,
+        empty_first_page: bool = False,
+    ):
         self.engine = engine
         self.task_hub = task_hub
         self.max_page = max_page
+        self.empty_first_page = empty_first_page
 
     def routes(self) -> list[web.RouteDef]:
         p = PREFIX
@@ -257,10 +264,13 @@ class ManagementApi:
         its ``OrchestrationStatusQueryCondition.PageSize``) and an ``x-ms-continuation-token`` (request
         and response header) that carries on after the last instance returned — by key, so instances
         purged or created between pages neither shift nor repeat the rest. ``max_page`` makes pages
-        shorter than asked, as a storage provider may ("always check the continuation token")."""
+        shorter than asked, and ``empty_first_page`` answers a query's first request with no instances
+        and a token, as the Azure Table service may ("always check the continuation token")."""
+        token = request.headers.get("x-ms-continuation-token")
+        if self.empty_first_page and not token:  # as the Table service may: nothing yet, but go on
+            return web.json_response([], headers={"x-ms-continuation-token": _encode_start()})
         try:
             clauses, args = self._filter(request)
-            token = request.headers.get("x-ms-continuation-token")
             if token:
                 created, last_id = _decode_token(token)
                 clauses.append("(created > ? OR (created = ? AND id > ?))")
@@ -358,6 +368,11 @@ def _where(clauses: list[str]) -> str:
 
 def _encode_token(last: Instance) -> str:
     return base64.urlsafe_b64encode(json.dumps([last.created, last.id]).encode()).decode()
+
+
+def _encode_start() -> str:
+    """A token from before the first instance (every created time sorts after "")."""
+    return base64.urlsafe_b64encode(json.dumps(["", ""]).encode()).decode()
 
 
 def _decode_token(token: str) -> tuple[str, str]:
