@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 from datetime import UTC, datetime, timedelta
+from time import monotonic
 
 import azure.functions as func
 from pydantic import BaseModel, Field
@@ -35,7 +36,7 @@ log = logging.getLogger("cleanup")
 class CleanupDecision(BaseModel):
     endpoint: str
     kind: str
-    action: str  # keep | delete | would-delete | deleting | failed
+    action: str  # keep | delete | would-delete | deleting | failed | deferred
     reason: str
     deployments: list[str] = Field(default_factory=list)
     models_deleted: list[str] = Field(default_factory=list)  # "name:version"
@@ -153,7 +154,12 @@ def run_cleanup(
     idle_minutes: int,
     now: datetime | None = None,
     delete_models: bool = False,
+    budget_s: float | None = None,
 ) -> CleanupSummary:
+    """One pass over the managed endpoints. Once ``budget_s`` is spent no further endpoint is started
+    on: they are ``deferred`` to the next pass (an HTTP answer must come within Azure's 230 s, a timer
+    run within the functionTimeout, and deleting one Azure endpoint may take a minute or more)."""
+    until = None if budget_s is None else monotonic() + budget_s
     now = now or datetime.now(UTC)
     endpoints = backend.list_endpoints()
     managed = [ep for ep in endpoints if ep.tags.get("managed-by") == MANAGED_BY]
@@ -165,6 +171,16 @@ def run_cleanup(
         managed=len(managed),
     )
     for ep in managed:
+        if until is not None and monotonic() >= until:
+            summary.decisions.append(
+                CleanupDecision(
+                    endpoint=ep.name,
+                    kind=ep.kind,
+                    action="deferred",
+                    reason="this pass's time was spent; the next pass looks at it",
+                )
+            )
+            continue
         summary.decisions.append(_decide_and_act(backend, ep, now, idle_minutes, dry_run, delete_models))
     log.info(
         "cleanup done dry_run=%s seen=%d managed=%d deleted=%s",
@@ -227,7 +243,15 @@ bp = func.Blueprint()
 SCHEDULE = AppSettings().cleanup_schedule
 
 
-def cleanup_now(dry_run: bool | None = None) -> CleanupSummary:
+# Time a pass may spend starting on endpoints: the manual trigger answers over HTTP, which Azure's front
+# end cuts at 230 s; the timer runs within host.json's 10-minute functionTimeout. An endpoint started
+# just before the budget ends may still take a few minutes (each Azure call is watched for
+# AZURE_SETUP_WAIT_SECONDS, then handed to the next pass).
+HTTP_BUDGET_S = 120.0
+TIMER_BUDGET_S = 420.0
+
+
+def cleanup_now(dry_run: bool | None = None, budget_s: float = TIMER_BUDGET_S) -> CleanupSummary:
     from backends.factory import get_backend
     from settings import get_settings
 
@@ -237,6 +261,7 @@ def cleanup_now(dry_run: bool | None = None) -> CleanupSummary:
         dry_run=settings.cleanup_dry_run if dry_run is None else dry_run,
         idle_minutes=settings.endpoint_idle_minutes,
         delete_models=settings.cleanup_delete_models,
+        budget_s=budget_s,
     )
 
 
@@ -250,5 +275,5 @@ def cleanup_endpoints(timer: func.TimerRequest) -> None:
 def cleanup_endpoints_now(req: func.HttpRequest) -> func.HttpResponse:
     """Run the cleanup by hand; ``?dry_run=true`` only reports. Answers with the summary."""
     flag = req.params.get("dry_run")
-    summary = cleanup_now(None if flag is None else flag.lower() == "true")
+    summary = cleanup_now(None if flag is None else flag.lower() == "true", budget_s=HTTP_BUDGET_S)
     return func.HttpResponse(summary.model_dump_json(), mimetype="application/json")

@@ -3,6 +3,7 @@ dry run only reports — on the local backend (real loopback servers) and the Az
 
 from __future__ import annotations
 
+import itertools
 import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -11,6 +12,7 @@ import pytest
 import requests
 from pydantic import ValidationError
 
+import pipeline.cleanup
 from activities.steps import MANAGED_BY
 from backends.local.backend import LocalBackend
 from backends.protocol import BackendError
@@ -79,6 +81,25 @@ def test_local_cleanup_deletes_expired_and_idle_endpoints_it_made_and_never_othe
     assert reasons["ep-never-used"].startswith("idle: created (never used)")
     assert "last used" in reasons["ep-in-use"]
     assert "ep-not-ours" not in reasons and summary.seen == 4 and summary.managed == 3
+
+
+def test_a_pass_whose_time_is_spent_defers_the_rest_to_the_next(local: LocalBackend, monkeypatch):
+    for name in ("ep-one", "ep-two", "ep-three"):
+        local.endpoints.create_or_update_endpoint(name, tags=tags(expires=NOW - timedelta(minutes=1)))
+    ticks = itertools.count()  # the clock moves one second each time the pass looks at it
+    monkeypatch.setattr(pipeline.cleanup, "monotonic", lambda: next(ticks))
+
+    first = run_cleanup(local, dry_run=False, idle_minutes=120, budget_s=2)
+
+    assert sorted((d.action, d.endpoint) for d in first.decisions) == [
+        ("deferred", "ep-three"),
+        ("deferred", "ep-two"),
+        ("delete", "ep-one"),
+    ]
+    assert "the next pass looks at it" in first.decisions[-1].reason
+    assert local_endpoints(local) == {"ep-two", "ep-three"}
+    second = run_cleanup(local, dry_run=False, idle_minutes=120)
+    assert sorted(second.deleted) == ["ep-three", "ep-two"] and local_endpoints(local) == set()
 
 
 def test_local_dry_run_reports_what_it_would_delete_and_deletes_nothing(local: LocalBackend):
