@@ -17,6 +17,47 @@ from datetime import datetime, timedelta, timezone
 from croniter import croniter
 
 _TIMESPAN = re.compile(r"^(?:(?P<days>\d+)\.)?(?P<h>\d{1,2}):(?P<m>\d{2}):(?P<s>\d{2})$")
+# NCrontab's field grammar (stricter than croniter, which also takes L, W, ?, # and a day-of-week 7):
+# a list of '*' or n or n-m, each with an optional /step; months and days may be English names.
+_ITEM = re.compile(r"^(?:\*|(?P<low>\d+|[A-Za-z]+)(?:-(?P<high>\d+|[A-Za-z]+))?)(?:/(?P<step>\d+))?$")
+_MONTHS = ["january", "february", "march", "april", "may", "june", "july", "august", "september",
+           "october", "november", "december"]  # fmt: skip
+_DAYS = ["sunday", "monday", "tuesday", "wednesday", "thursday", "friday", "saturday"]
+_FIELDS = (
+    ("second", 0, 59, None),
+    ("minute", 0, 59, None),
+    ("hour", 0, 23, None),
+    ("day", 1, 31, None),
+    ("month", 1, 12, _MONTHS),
+    ("day-of-week", 0, 6, _DAYS),
+)
+
+
+def _value(text: str, names: list[str] | None, first: int) -> int | None:
+    if text.isdigit():
+        return int(text)
+    if names is None or len(text) < 3:
+        return None
+    found = [i for i, name in enumerate(names) if name.startswith(text.lower())]
+    return found[0] + first if len(found) == 1 else None
+
+
+def _ncrontab_problem(fields: list[str]) -> str | None:
+    """What NCrontab would refuse in these six fields, or None."""
+    for text, (field, low, high, names) in zip(fields, _FIELDS, strict=True):
+        for item in text.split(","):
+            m = _ITEM.match(item)
+            if m is None:
+                return (
+                    f"the {field} field '{text}' has '{item}': NCRONTAB takes *, n, n-m and lists, with /step"
+                )
+            for bound in (m["low"], m["high"]):
+                value = None if bound is None else _value(bound, names, low)
+                if bound is not None and (value is None or not low <= value <= high):
+                    return f"the {field} field '{text}' has '{bound}': it must be {low}-{high}"
+            if m["step"] is not None and int(m["step"]) == 0:
+                return f"the {field} field '{text}' has a step of 0"
+    return None
 
 
 class ScheduleError(ValueError):
@@ -63,6 +104,9 @@ class Schedule:
                 f"schedule '{expression}' has {len(fields)} fields; NCRONTAB needs exactly 6: "
                 "{second} {minute} {hour} {day} {month} {day-of-week}, e.g. '0 */5 * * * *'"
             )
+        problem = _ncrontab_problem(fields)
+        if problem:
+            raise ScheduleError(f"schedule '{expression}': {problem}")
         if not croniter.is_valid(resolved, second_at_beginning=True):
             raise ScheduleError(f"schedule '{expression}' is not a valid NCRONTAB expression")
         return cls(expression=resolved, cron=resolved)

@@ -40,6 +40,32 @@ def test_schedules_without_exactly_six_valid_fields_are_rejected(expr):
         Schedule.parse(expr)
 
 
+@pytest.mark.parametrize(
+    "expr",
+    [
+        "0 0 0 L * *",
+        "0 0 0 * * 1#2",
+        "0 0 0 ? * *",
+        "0 0 0 * * 7",
+        "0 0 0 * * 0-7",
+        "0 0 3 W * *",
+        "0 */0 * * * *",
+    ],
+)
+def test_what_croniter_takes_but_ncrontab_refuses_is_refused(expr):
+    # On Azure such a schedule keeps the timer from starting: idle endpoints would never be cleaned up.
+    with pytest.raises(ScheduleError, match=r"NCRONTAB takes|must be|step of 0"):
+        Schedule.parse(expr)
+
+
+@pytest.mark.parametrize(
+    "expr",
+    ["0 */5 * * * *", "0 0 9 * * Mon-Fri", "0 30 6 1 Jan,Jul *", "0 0 0 * * 0-6/2", "5-10/5 * * * * *"],
+)
+def test_ncrontab_forms_are_taken(expr):
+    assert Schedule.parse(expr).cron == expr
+
+
 def test_app_setting_reference_is_resolved():
     assert (
         Schedule.parse("%CLEANUP_SCHEDULE%", {"CLEANUP_SCHEDULE": "0 */30 * * * *"}).cron == "0 */30 * * * *"
