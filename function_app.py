@@ -178,6 +178,9 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
     if status.runtime_status.name not in ACTIVE:
         return _json({"error": f"run {run_id} is already {status.runtime_status.name}"}, 409)
     await client.terminate(run_id, "canceled by user")
+    # Azure queues the termination: an episode already running still commits what it scheduled (a wait's
+    # monitor, a job submission). Look for children and the job once the run reads as ended.
+    await _until_ended(client, run_id)
     for step in WAIT_STEPS:  # children are not terminated with their parent
         child = await client.get_status(wait_instance_id(run_id, step))
         if child and child.runtime_status and child.runtime_status.name in ACTIVE:
@@ -188,22 +191,31 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
     return _json({"run_id": run_id, "status": "Terminated", "job": job}, 202)
 
 
+CANCEL_WAIT_S = 20.0
+
+
+async def _until_ended(client: df.DurableOrchestrationClient, run_id: str) -> None:
+    deadline = asyncio.get_running_loop().time() + CANCEL_WAIT_S
+    while asyncio.get_running_loop().time() < deadline:
+        status = await client.get_status(run_id)
+        if not status or not status.runtime_status or status.runtime_status.name not in ACTIVE:
+            return
+        await asyncio.sleep(0.5)
+    log.warning("run %s still reads as active %.0f s after its termination", run_id, CANCEL_WAIT_S)
+
+
 def _cancel_job(job_name: str | None) -> dict | None:
+    """The job canceled (a submission still under way cancels its own job: activities.blueprint)."""
+    from activities.steps import cancel_job_if_running
     from backends.factory import get_backend
-    from backends.protocol import BackendError, NotFoundError
+    from backends.protocol import BackendError
 
     if not job_name:
         return None
-    backend = get_backend()
     try:
-        job = backend.get_job(job_name)
-        if not job.is_terminal:
-            job = backend.cancel_job(job_name)
-    except NotFoundError:
-        return {"name": job_name, "status": "NotSubmitted"}
+        return {"name": job_name, "status": cancel_job_if_running(job_name, get_backend())}
     except BackendError as exc:
         return {"name": job_name, "error": str(exc)}
-    return {"name": job.name, "status": job.status}
 
 
 from pipeline.cleanup import bp as cleanup_bp  # noqa: E402  (the endpoint cleanup timer + POST /api/cleanup)

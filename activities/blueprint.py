@@ -7,6 +7,7 @@ orchestrator's retry policy retries it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -93,8 +94,20 @@ def compute(payload: dict) -> dict:
 
 
 @bp.activity_trigger(input_name="payload")
-def submit_finetune(payload: dict) -> dict:
-    return _run("submit_finetune", steps.submit_finetune, payload)
+@bp.durable_client_input(client_name="client")
+async def submit_finetune(payload: dict, client: df.DurableOrchestrationClient) -> dict:
+    """Submit the job; then, if the run was canceled while this ran, cancel the job it just made.
+
+    Terminating an orchestration does not stop its running activity, and the cancel request found no
+    job to cancel yet: without this the job would train (and bill) for hours after the cancel.
+    """
+    result = await asyncio.to_thread(_run, "submit_finetune", steps.submit_finetune, payload)
+    run_id, job_name = payload["run_id"], payload["names"]["job"]
+    status = await client.get_status(run_id)
+    if status and status.runtime_status == df.OrchestrationRuntimeStatus.Terminated:
+        job = await asyncio.to_thread(steps.cancel_job_if_running, job_name, get_backend())
+        log.info("step=submit_finetune run_id=%s was canceled meanwhile: job %s is %s", run_id, job_name, job)
+    return result
 
 
 @bp.activity_trigger(input_name="payload")

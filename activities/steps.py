@@ -190,6 +190,17 @@ def submit_finetune(inp: StepInput, backend: MLBackend) -> StepResult:
     )
 
 
+def cancel_job_if_running(job_name: str, backend: MLBackend) -> str:
+    """Cancel the job unless it has ended; its status afterwards ("NotSubmitted" when there is none)."""
+    try:
+        job = backend.get_job(job_name)
+        if not job.is_terminal:
+            job = backend.cancel_job(job_name)
+    except NotFoundError:
+        return "NotSubmitted"
+    return job.status
+
+
 def job_status(args: dict, backend: MLBackend) -> dict:
     job = backend.get_job(args["job_name"])
     detail = job.model_dump(exclude_none=True, exclude={"name"})

@@ -4,6 +4,7 @@ throttling, server errors and timeouts on every call."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from tests.fake_arm.hosting import (
     resources,
     run_body,
 )
+from tests.support.polling import wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -148,6 +150,29 @@ def test_canceling_a_run_cancels_its_azure_ml_job_and_its_wait(fake_azure: FakeA
     (job,) = fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/jobs")
     assert job["properties"]["status"] in ("CancelRequested", "Canceled")
     assert waits["runtimeStatus"] == "Terminated"  # the monitor polling the job stopped too
+
+
+def test_a_run_canceled_while_its_job_is_being_submitted_cancels_that_job_too(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    fake_azure.config.job_statuses = ("NotStarted", "Queued", *("Running",) * 400, "Completed")
+    submitted = fake_azure.server.gates[("PUT", "job")] = threading.Event()  # still under way at the cancel
+    host = AzureHost(fake_azure, tmp_path)
+    host.start()
+    try:
+        run_id = host.start_run(run_body("az-cancel-submit"))
+        assert fake_azure.server.at_gate.wait(timeout=240), host.summary(run_id)
+        answer = requests.post(f"{host.url}/api/runs/{run_id}/cancel", timeout=120)
+        assert answer.status_code == 202, answer.text
+        assert answer.json()["job"]["status"] == "NotSubmitted"  # not there yet
+        submitted.set()
+        wait_for(
+            lambda: "was canceled meanwhile" in host.log_text(), timeout=120, what="the submission's cancel"
+        )
+    finally:
+        host.stop()
+    (job,) = fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/jobs")
+    assert job["properties"]["status"] in ("CancelRequested", "Canceled")
 
 
 def test_provisioning_longer_than_a_steps_wait_is_waited_on_with_durable_timers(

@@ -103,6 +103,10 @@ class FakeServer:
         self.exchanges: list[Exchange] = []
         self.tokens: dict[str, dict] = {}
         self.lock = threading.RLock()
+        # (method, route) -> a request there waits for the event before it is handled (outside the lock,
+        # so the others go on); ``at_gate`` is set when one is waiting: a call still under way.
+        self.gates: dict[tuple[str, str], threading.Event] = {}
+        self.at_gate = threading.Event()
         self.fault_plan: FaultPlan | None = None
         self.stall_seconds = stall_seconds
         self._httpd: ThreadingHTTPServer | None = None
@@ -183,6 +187,10 @@ class FakeServer:
         found = self._match(req)
         route_name = found[0].name if found else "unknown"
         fault = self.fault_plan(req, route_name) if (self.fault_plan and found) else None
+        gate = self.gates.get((req.method, route_name)) if found else None
+        if gate is not None:
+            self.at_gate.set()
+            gate.wait(timeout=120)
         if fault in ("429", "503", "504"):
             resp = _fault_response(fault)
         else:
