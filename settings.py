@@ -37,14 +37,16 @@ class AppSettings(BaseSettings):
     # Unset = Azure public cloud.
     azure_cloud_metadata_url: str | None = Field(None, alias="ARM_CLOUD_METADATA_URL")
     # How long one Azure call may take before it is retried (connect and read timeout, seconds).
-    azure_http_timeout_seconds: float = Field(60.0, gt=0, le=600, alias="AZURE_HTTP_TIMEOUT_SECONDS")
+    # (Bounds: a step makes several calls and waits within host.json's 10-minute functionTimeout, an
+    # HTTP answer within Azure's 230 s.)
+    azure_http_timeout_seconds: float = Field(60.0, gt=0, le=120, alias="AZURE_HTTP_TIMEOUT_SECONDS")
     # How long a setup step (workspace, registry, endpoint, traffic) waits for Azure to finish
     # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
-    azure_setup_wait_seconds: float = Field(20.0, gt=0, le=1800, alias="AZURE_SETUP_WAIT_SECONDS")
+    azure_setup_wait_seconds: float = Field(20.0, gt=0, le=120, alias="AZURE_SETUP_WAIT_SECONDS")
     # How long the evaluate step keeps asking the models before it hands back (the next call goes on
     # where it stopped): one activity must end within host.json's functionTimeout (10 min), and a
     # question started just before this budget may take deployment.request_timeout_ms (up to 3 min).
-    evaluation_call_budget_s: float = Field(360.0, gt=0, le=3600, alias="EVALUATION_CALL_BUDGET_S")
+    evaluation_call_budget_s: float = Field(360.0, gt=0, le=420, alias="EVALUATION_CALL_BUDGET_S")
     # Evaluation on Azure compares with the base model only when this is on: it deploys the catalog
     # model beside the fine-tuned one (a second GPU deployment, billed while it exists).
     azure_evaluate_base_model: bool = Field(False, alias="AZURE_EVALUATE_BASE_MODEL")
@@ -60,8 +62,8 @@ class AppSettings(BaseSettings):
     microsoft_app_tenant_id: str = Field("", alias="MicrosoftAppTenantId")
     # Answers not ready within this many seconds are acknowledged and delivered proactively
     # (channels give up on a turn after ~15 s and Teams retries the POST).
-    bot_ack_after_s: float = Field(5.0, ge=0, alias="BOT_ACK_AFTER_S")
-    bot_model_timeout_s: float = Field(120.0, gt=0, alias="BOT_MODEL_TIMEOUT_S")
+    bot_ack_after_s: float = Field(5.0, ge=0, le=200, alias="BOT_ACK_AFTER_S")
+    bot_model_timeout_s: float = Field(120.0, gt=0, le=180, alias="BOT_MODEL_TIMEOUT_S")
     # How long a finished slow-answer delivery keeps its Durable history before the hourly purge.
     bot_delivery_history_hours: float = Field(24.0, ge=0, alias="BOT_DELIVERY_HISTORY_HOURS")
     # History kept per conversation: at most this many turns and characters (Phi-3-mini-4k's context

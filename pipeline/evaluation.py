@@ -206,12 +206,18 @@ def evaluate_base_vs_finetuned(
     files = {"finetuned": out_dir / "finetuned.jsonl", "base": out_dir / "base.jsonl"}
     answerers = {"finetuned": answer_finetuned, "base": answer_base}
     rows: dict[str, list[EvalRow]] = {}
+    answered = False  # in this call: once it has, the budget holds even for the base model's first row
     for model, answer in answerers.items():
         if answer is None:
             continue
         done = rows_done(files[model], cases)
         write_rows(done, files[model])  # drops whatever followed them
-        rows[model] = evaluate_answers(cases, answer, done=done, until=until, record=_append_to(files[model]))
+        if answered and until is not None and len(done) < len(cases) and monotonic() >= until:
+            rows[model] = done
+        else:
+            record = _append_to(files[model])
+            rows[model] = evaluate_answers(cases, answer, done=done, until=until, record=record)
+        answered = answered or len(rows[model]) > len(done)
         if len(rows[model]) < len(cases):
             base_rows = len(rows["base"]) if "base" in rows else (0 if answer_base else None)
             return EvalProgress(finetuned_rows=len(rows["finetuned"]), base_rows=base_rows, cases=len(cases))

@@ -64,8 +64,8 @@ def test_a_call_that_runs_out_of_time_hands_back_and_the_next_goes_on_from_its_r
     assert (first.finetuned_rows, first.base_rows, first.cases) == (4, 0, 5)
     assert str(first) == "4, base 0 of 5 conversations answered"
     clock()
-    second = run(models, tmp_path, until=2)  # the last fine-tuned one, then 3 of the base model's
-    assert isinstance(second, EvalProgress) and (second.finetuned_rows, second.base_rows) == (5, 3)
+    second = run(models, tmp_path, until=2)  # the last fine-tuned one, then 2 of the base model's
+    assert isinstance(second, EvalProgress) and (second.finetuned_rows, second.base_rows) == (5, 2)
     clock()
     done = run(models, tmp_path, until=None)
 
@@ -77,6 +77,20 @@ def test_a_call_that_runs_out_of_time_hands_back_and_the_next_goes_on_from_its_r
     assert [row["index"] for row in side_by_side] == list(range(5))
 
 
+def test_a_call_that_spent_its_budget_on_the_fine_tuned_model_leaves_the_base_model_to_the_next(
+    tmp_path, clock
+):
+    models = Models()
+    run(models, tmp_path, until=3)  # 4 of the fine-tuned model's answers
+    clock()
+
+    second = run(models, tmp_path, until=0)  # its first question is asked; then the budget holds
+
+    assert isinstance(second, EvalProgress) and (second.finetuned_rows, second.base_rows) == (5, 0)
+    assert not [key for key in models.asked if key[0] == "base"]
+    assert (tmp_path / "base.jsonl").read_text() == ""
+
+
 def test_every_call_answers_at_least_one_question_however_small_the_budget(tmp_path, clock):
     models = Models()
     calls = 0
@@ -85,7 +99,7 @@ def test_every_call_answers_at_least_one_question_however_small_the_budget(tmp_p
         assert calls <= 10, result
         clock()
 
-    assert calls == 8 and set(models.asked.values()) == {1}  # one question a call, two in the fifth
+    assert calls == 9 and set(models.asked.values()) == {1}  # one question a call
 
 
 def test_a_row_cut_short_by_a_killed_worker_is_asked_again_and_nothing_else_is(tmp_path, clock):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from pydantic import ValidationError
 
 from pipeline.config import PRESETS, InvalidRunConfig, parse_run_config
 from settings import AppSettings
@@ -199,6 +200,21 @@ def test_derived_foundry_names_too_long_for_azure_are_refused_before_the_run(
 def test_a_short_enough_workspace_passes_in_both_modes(azure):
     for mode in ("serverless", "managed_compute"):
         parse_run_config({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": "w" * 25}}, azure)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("AZURE_SETUP_WAIT_SECONDS", 1800),  # a step waits several times within the 10-minute timeout
+        ("AZURE_HTTP_TIMEOUT_SECONDS", 600),  # azure-core tries a call 4 times
+        ("EVALUATION_CALL_BUDGET_S", 3600),
+        ("BOT_MODEL_TIMEOUT_S", 600),
+        ("BOT_ACK_AFTER_S", 300),  # an HTTP answer must come within Azure's 230 s
+    ],
+)
+def test_waits_past_the_hosts_limits_are_refused_naming_the_setting(setting, value):
+    with pytest.raises(ValidationError, match=setting):
+        AppSettings(**{setting: value})
 
 
 def test_schedules_only_azure_runs_are_taken_there(azure):

@@ -131,6 +131,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]  # the directory holding the 
 RECORD_FILE, LOG_FILE = "job.json", Path("logs") / "std_log.txt"
 TRAINER_MODULE = "backends.local.trainer"
 VANISHED_ERROR = "trainer process exited unexpectedly (see logs/std_log.txt)"
+KILL_WAIT_SECONDS = 30.0  # a SIGKILLed trainer not gone by then is left to the kernel
 
 
 class JobNotFoundError(KeyError):
@@ -209,8 +210,11 @@ class LocalJobRunner:
         if self._is_running(record):
             logger.warning("job %s ignored SIGTERM for %.0f s: killing it", name, self.cancel_grace_seconds)
             self._signal(record, signal.SIGKILL)
-            while self._is_running(record):
+            killed_by = time.monotonic() + KILL_WAIT_SECONDS
+            while self._is_running(record) and time.monotonic() < killed_by:
                 time.sleep(0.05)
+            if self._is_running(record):  # stuck in the kernel (uninterruptible I/O): it can do no more work
+                logger.warning("job %s is still there %.0f s after SIGKILL", name, KILL_WAIT_SECONDS)
         job_dir = self._job_dir(name)
         status = read_status(job_dir) or JobStatus()
         if status.status not in TERMINAL_STATES:
