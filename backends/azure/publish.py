@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-from tenacity import retry, retry_if_exception, stop_after_attempt, wait_exponential
+from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
 
 from backends.protocol import BackendError, ResourceRef, hands_back_with
 from pipeline.config import MAX_WORKSPACE_NAME, RunConfig, foundry_names
@@ -231,7 +231,8 @@ def _is_transient(exc: BaseException) -> bool:
 
 @retry(
     retry=retry_if_exception(_is_transient),
-    stop=stop_after_attempt(5),
+    # Within the activity's functionTimeout: no new attempt starts after 3 minutes of them.
+    stop=stop_after_attempt(5) | stop_after_delay(180),
     wait=wait_exponential(multiplier=1, max=10),
     reraise=True,
     before_sleep=lambda state: log.warning(
