@@ -7,6 +7,7 @@ import os
 import re
 import secrets
 import signal
+import socket
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -318,6 +319,20 @@ def test_ensure_running_restarts_a_killed_server_on_the_same_port(endpoints, liv
     assert after.pid != live.pid
     assert settled(endpoints, live.name, "blue").provisioning_state == "Succeeded"
     assert ask(after, endpoints.get_keys(live.name).primary.get_secret_value())
+
+
+def test_an_endpoint_whose_port_was_taken_is_left_failed_and_the_others_restart(endpoints, endpoint_name):
+    before = endpoints.create_or_update_endpoint(endpoint_name, tags={})
+    os.kill(before.pid, signal.SIGKILL)
+    wait_until_failed(endpoints, endpoint_name)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:  # another program took its port
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", before.port))
+        squatter.listen()
+
+        assert endpoint_name not in endpoints.ensure_running()  # no exception: the backend still starts
+
+        assert endpoints.get_endpoint(endpoint_name).provisioning_state == "Failed"
 
 
 def test_ensure_running_leaves_a_live_server_alone(endpoints, live):

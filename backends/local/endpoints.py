@@ -247,14 +247,21 @@ class LocalEndpoints(ServerProcesses):
 
     # -- processes ---------------------------------------------------------------------------
     def ensure_running(self) -> list[str]:
-        """Restart every endpoint whose server is gone (e.g. after a host restart); return their names."""
+        """Restart every endpoint whose server is gone (e.g. after a host restart); return their names.
+
+        One that cannot start (its port taken meanwhile) is logged and left Failed: it must not keep
+        the others, or the backend every step uses, from coming up."""
         restarted = []
         for info in self.list_endpoints():
             if info.provisioning_state == "Deleting":
                 continue  # a deletion was interrupted; delete_endpoint finishes it
             with self._locked(info.name):
                 if self._running_record(info.name) is None:
-                    self._ensure_server(info.name)
+                    try:
+                        self._ensure_server(info.name)
+                    except EndpointServerError as exc:
+                        log.warning("endpoint %s could not be restarted: %s", info.name, exc)
+                        continue
                     restarted.append(info.name)
         return restarted
 
