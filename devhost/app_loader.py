@@ -14,6 +14,7 @@ import inspect
 import json
 import logging
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -75,6 +76,18 @@ class AppIndex:
     def task_hub(self) -> str:
         durable = self.host_json.get("extensions", {}).get("durableTask", {})
         return str(durable.get("hubName") or "TestHubName")
+
+    @property
+    def function_timeout_s(self) -> float | None:
+        """host.json ``functionTimeout`` ([d.]hh:mm:ss) in seconds; None when absent or -1 (unbounded)."""
+        value = str(self.host_json.get("functionTimeout", "")).strip()
+        if value in ("", "-1"):
+            return None
+        m = re.fullmatch(r"(?:(\d+)\.)?(\d{1,2}):(\d{2}):(\d{2})", value)
+        if m is None:
+            raise AppLoadError(f"host.json functionTimeout '{value}' is not a [d.]hh:mm:ss time span")
+        days, hours, minutes, seconds = (int(g or 0) for g in m.groups())
+        return float(((days * 24 + hours) * 60 + minutes) * 60 + seconds)
 
     def function(self, name: str) -> FunctionSpec | None:
         return self.functions.get(name.lower())

@@ -13,6 +13,7 @@ import threading
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
+from datetime import timedelta
 from typing import Any
 
 import azure.functions as func
@@ -84,15 +85,39 @@ class InvocationContext(func.Context):
         return _RetryContext()
 
 
+class FunctionTimeoutError(Exception):
+    """The invocation ran past host.json's functionTimeout (the host's FunctionTimeoutException)."""
+
+
 class Invoker:
     """Runs functions: async ones on the host loop, sync ones in the thread pool."""
 
-    def __init__(self, executor: Executor, client_binding: Callable[[], str], app_root: str):
+    def __init__(
+        self,
+        executor: Executor,
+        client_binding: Callable[[], str],
+        app_root: str,
+        timeout_s: float | None = None,
+    ):
         self._executor = executor
         self._client_binding = client_binding
         self._app_root = app_root
+        self._timeout_s = timeout_s
 
     async def call(self, spec: FunctionSpec, trigger_value: Any) -> Any:
+        """Run the function; past host.json's ``functionTimeout`` it fails as the host's does (a sync
+        function's thread cannot be stopped: it runs on, and its result is dropped)."""
+        if self._timeout_s is None:
+            return await self._call(spec, trigger_value)
+        try:
+            return await asyncio.wait_for(self._call(spec, trigger_value), self._timeout_s)
+        except TimeoutError:
+            span = str(timedelta(seconds=self._timeout_s)).zfill(8)
+            raise FunctionTimeoutError(
+                f"Timeout value of {span} exceeded by function 'Functions.{spec.name}'"
+            ) from None
+
+    async def _call(self, spec: FunctionSpec, trigger_value: Any) -> Any:
         kwargs: dict[str, Any] = {spec.trigger_param: trigger_value}
         for name in spec.client_params:
             kwargs[name] = self._client_binding()

@@ -82,7 +82,9 @@ class DevHost:
         self.store = Store(self.state_dir / f"{self.index.task_hub}.sqlite")
         self._function_pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="fn")
         self._replay_pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="replay")
-        self.invoker = Invoker(self._function_pool, lambda: self._binding, str(self.root))
+        self.invoker = Invoker(
+            self._function_pool, lambda: self._binding, str(self.root), self.index.function_timeout_s
+        )
         self.engine = DurableEngine(
             self.index, self.store, self.invoker, orchestrator_executor=self._replay_pool
         )

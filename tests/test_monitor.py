@@ -112,3 +112,14 @@ def test_live_progress_is_in_custom_status(host):
     seen = host.wait(iid, until=lambda s: (s["customStatus"] or {}).get("polls", 0) >= 3)
     assert seen["customStatus"]["status"] == "Running"
     assert json.dumps(host.wait(iid)["output"])
+
+
+def test_an_activity_past_host_jsons_function_timeout_fails_as_on_azure(host):
+    # This app's host.json sets functionTimeout 00:00:02; Azure fails such an invocation (and restarts
+    # the worker), which is why long steps hand back to the orchestrator instead of blocking.
+    slow = host.wait(host.start_orchestration("calls_sleepy", 4))
+    quick = host.wait(host.start_orchestration("calls_sleepy", 0.1))
+
+    assert slow["output"].startswith("failed: Activity function 'sleepy' failed: FunctionTimeoutError:")
+    assert "Timeout value of 00:00:02 exceeded by function 'Functions.sleepy'" in slow["output"]
+    assert quick["output"] == "woke up"

@@ -1,5 +1,7 @@
 """The pipeline's real monitor sub-orchestration, driven by a scripted status activity."""
 
+import time
+
 import azure.durable_functions as df
 import azure.functions as func
 
@@ -24,3 +26,17 @@ def scripted_status(args: dict) -> dict:
             "detail": {"poll": n} | ({"error": args["error"]} if "error" in args else {}),
         }
     return {"done": False, "status": "Running", "detail": {"poll": n}}
+
+
+@app.activity_trigger(input_name="seconds")
+def sleepy(seconds: float) -> str:
+    time.sleep(seconds)
+    return "woke up"
+
+
+@app.orchestration_trigger(context_name="context")
+def calls_sleepy(context: df.DurableOrchestrationContext):
+    try:
+        return (yield context.call_activity("sleepy", context.get_input()))
+    except Exception as exc:
+        return f"failed: {exc}"
