@@ -335,12 +335,17 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
     return problems
 
 
+def default_hub(workspace: str) -> str:
+    """The Azure AI Foundry hub made for ``workspace`` (serverless fine-tuning's, and the flow's default)."""
+    return f"{workspace}-hub"
+
+
 def foundry_names(workspace: str, cfg: RunConfig) -> tuple[str, str]:
     """The Azure AI Foundry hub and project of a run on ``workspace``: serverless fine-tuning's own
     project (the workspace, on ``<workspace>-hub``), and where the flow is published (by default the
     same in serverless mode, ``<workspace>-hub`` / ``<workspace>-project`` for managed compute)."""
     pf = cfg.promptflow
-    hub = pf.hub or f"{workspace}-hub"
+    hub = pf.hub or default_hub(workspace)
     project = pf.project or (workspace if cfg.mode == "serverless" else f"{workspace}-project")
     return hub, project
 
@@ -362,7 +367,7 @@ def _workspace_name_problems(cfg: RunConfig, settings: AppSettings) -> list[Conf
     derived: list[tuple[str, str, str, str]] = []  # field, what, name, the fix
     hub, project = foundry_names(workspace, cfg)
     if cfg.mode == "serverless":  # the workspace step makes the project's hub
-        derived.append(("azure.workspace", "hub", f"{workspace}-hub", "use a shorter workspace name"))
+        derived.append(("azure.workspace", "hub", default_hub(workspace), "use a shorter workspace name"))
     elif cfg.promptflow.publish:
         derived.append(("promptflow.hub", "hub", hub, "set promptflow.hub to a shorter name"))
     if cfg.promptflow.publish:

@@ -21,6 +21,7 @@ from azure.core.exceptions import HttpResponseError, ResourceExistsError, Resour
 from azure.core.rest import HttpRequest
 
 from backends.protocol import BackendError, ResourceRef, hands_back_with
+from pipeline.config import default_hub
 
 from .clients import AzureClients
 from .errors import ProvisioningPending, azure_errors, describe, error_code, wait_until
@@ -219,7 +220,7 @@ def _ensure_workspace(
                 f"{existing.kind} "
                 "workspace; set AZURE_ML_WORKSPACE to a project in eastus2 (or a new name to create one)"
             )
-        hub_name = f"{name}-hub"
+        hub_name = default_hub(name)
         hub = _ensure_named_workspace(
             clients, hub_name, lambda: Hub(name=hub_name, location=location, tags=tags), budget_s, created
         )
