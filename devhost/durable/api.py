@@ -268,7 +268,8 @@ class ManagementApi:
         and a token, as the Azure Table service may ("always check the continuation token")."""
         token = request.headers.get("x-ms-continuation-token")
         if self.empty_first_page and not token:  # as the Table service may: nothing yet, but go on
-            return web.json_response([], headers={"x-ms-continuation-token": _encode_start()})
+            # A token from before the first instance (every created time sorts after "").
+            return web.json_response([], headers={"x-ms-continuation-token": _encode_token("", "")})
         try:
             clauses, args = self._filter(request)
             if token:
@@ -288,7 +289,7 @@ class ManagementApi:
         headers = {}
         if len(instances) > page:
             instances = instances[:page]
-            headers["x-ms-continuation-token"] = _encode_token(instances[-1])
+            headers["x-ms-continuation-token"] = _encode_token(instances[-1].created, instances[-1].id)
         show_input = _flag(request, "showInput", True)  # OrchestrationStatusQueryCondition.ShowInput
         body = [status_object(self.engine, i, show_input=show_input) for i in instances]
         return web.json_response(body, headers=headers)
@@ -366,13 +367,9 @@ def _where(clauses: list[str]) -> str:
     return ("WHERE " + " AND ".join(clauses)) if clauses else ""
 
 
-def _encode_token(last: Instance) -> str:
-    return base64.urlsafe_b64encode(json.dumps([last.created, last.id]).encode()).decode()
-
-
-def _encode_start() -> str:
-    """A token from before the first instance (every created time sorts after "")."""
-    return base64.urlsafe_b64encode(json.dumps(["", ""]).encode()).decode()
+def _encode_token(created: str, last_id: str) -> str:
+    """The token that carries on after the instance created at ``created`` with id ``last_id``."""
+    return base64.urlsafe_b64encode(json.dumps([created, last_id]).encode()).decode()
 
 
 def _decode_token(token: str) -> tuple[str, str]:
