@@ -44,9 +44,10 @@ class AppSettings(BaseSettings):
     # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
     azure_setup_wait_seconds: float = Field(20.0, gt=0, le=120, alias="AZURE_SETUP_WAIT_SECONDS")
     # How long the evaluate step keeps asking the models before it hands back (the next call goes on
-    # where it stopped): one activity must end within host.json's functionTimeout (10 min), and a
-    # question started just before this budget may take deployment.request_timeout_ms (up to 3 min).
-    evaluation_call_budget_s: float = Field(360.0, gt=0, le=420, alias="EVALUATION_CALL_BUDGET_S")
+    # where it stopped): one activity must end within host.json's functionTimeout (10 min), a question
+    # started just before this budget may take deployment.request_timeout_ms (up to 3 min), and loading
+    # the flow and logging the results take the rest.
+    evaluation_call_budget_s: float = Field(360.0, gt=0, le=400, alias="EVALUATION_CALL_BUDGET_S")
     # Evaluation on Azure compares with the base model only when this is on: it deploys the catalog
     # model beside the fine-tuned one (a second GPU deployment, billed while it exists).
     azure_evaluate_base_model: bool = Field(False, alias="AZURE_EVALUATE_BASE_MODEL")

@@ -29,6 +29,7 @@ def flow_runner(backend: MLBackend, inp: StepInput, deployment: str | None):
     options = GenerationOptions(
         temperature=0.0,
         max_new_tokens=inp.config.deployment.max_new_tokens,
+        timeout_s=inp.config.deployment.request_timeout_s,
         deployment=deployment,
         contract=contract_for(ep.kind),
     )

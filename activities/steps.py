@@ -302,6 +302,7 @@ def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:
         [{"role": "user", "content": question}],
         temperature=0.0,
         max_new_tokens=inp.config.deployment.max_new_tokens,
+        timeout=inp.config.deployment.request_timeout_s,
         contract=contract_for(ep.kind),
     )
     latency_ms = round((time.perf_counter() - started) * 1000, 1)

@@ -110,6 +110,11 @@ class DeploymentSection(_Section):
     request_timeout_ms: int = Field(90000, ge=1000, le=180000)
     max_new_tokens: int = Field(256, ge=1, le=4096)
 
+    @property
+    def request_timeout_s(self) -> float:
+        """How long the pipeline's own calls to the endpoint wait: as long as the deployment allows."""
+        return self.request_timeout_ms / 1000
+
     @field_validator("deployment_name")
     @classmethod
     def _not_the_base_deployment(cls, value: str) -> str:

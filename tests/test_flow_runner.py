@@ -16,7 +16,11 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import SecretStr
 
+from activities.integrate import flow_smoke
+from activities.steps import StepInput, smoke_test
+from backends.protocol import EndpointKeys, EndpointState
 from backends.scoring import (
     NO_RETRY,
     RetryPolicy,
@@ -40,6 +44,8 @@ from flows.runner import (
     get_flow_runner,
     to_chat_history,
 )
+from pipeline.config import RunConfig
+from settings import get_settings
 from tests.support.redaction import STRADDLING_FILLER, leaked_pieces
 
 KEY = "flow-k3y-" + "s" * 40
@@ -424,3 +430,50 @@ def test_the_runner_cache_never_holds_the_key_in_its_keys(stub, state_dir):
 def test_a_scoring_error_from_the_flow_is_a_scoring_error_for_callers(runner_for):
     with pytest.raises(ScoringError):
         runner_for("404").answer_sync("Hello?")
+
+
+# -- the pipeline's steps that ask the endpoint ------------------------------------------------------
+@dataclass
+class OneEndpoint:
+    """The few backend calls the smoke steps make, answering for one endpoint: the stub's ``case``."""
+
+    scoring_uri: str
+
+    def get_endpoint(self, name: str) -> EndpointState:
+        return EndpointState(name=name, scoring_uri=self.scoring_uri, provisioning_state="Succeeded")
+
+    def get_endpoint_keys(self, name: str) -> EndpointKeys:
+        return EndpointKeys(primary=SecretStr(KEY), secondary=SecretStr("unused"))
+
+
+@pytest.fixture
+def app_state_dir(state_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The app's settings point at this module's promptflow home (promptflow reads one per process)."""
+    monkeypatch.setenv("PHI3_STATE_DIR", str(state_dir))
+    get_settings.cache_clear()
+    yield state_dir
+    get_settings.cache_clear()
+
+
+def step_input(request_timeout_ms: int) -> StepInput:
+    config = RunConfig.model_validate(
+        {
+            "deployment": {"request_timeout_ms": request_timeout_ms},
+            "evaluation": {"smoke_question": "Is it on?"},
+        }
+    )
+    return StepInput(run_id="r-timeout", config=config, names={"endpoint": "phi3ft-timeout"})
+
+
+@pytest.mark.parametrize("step", [smoke_test, flow_smoke], ids=["direct", "through the flow"])
+def test_the_smoke_steps_wait_as_long_as_the_deployments_request_timeout(stub, app_state_dir, step):
+    # The endpoint works on a request for deployment.request_timeout_ms; the pipeline's own calls wait as
+    # long (not the client's 90 s default, which cut a big model on a CPU short, nor longer).
+    backend = OneEndpoint(stub.uri("slow"))
+    with pytest.raises(ScoringTimeoutError, match=r"within 1 s"):
+        step(step_input(request_timeout_ms=1000), backend)
+
+    stub.release.set()  # released, the "gated" case answers at once: well within 5 s
+    backend.scoring_uri = stub.uri("gated")
+    result = step(step_input(request_timeout_ms=5000), backend)
+    assert result.ok and "echo(1): Is it on?" in json.dumps(result.outputs)
