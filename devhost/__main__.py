@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from .app_loader import AppLoadError
+from .http_triggers import HTTP_RESPONSE_LIMIT_S
 from .server import serve
 from .webchat import webchat_plugin
 
@@ -21,6 +22,16 @@ def _page_size(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, not {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds above 0, not {text!r}")
     return value
 
 
@@ -50,6 +61,14 @@ def main(argv: list[str] | None = None) -> int:
         help="answer each Durable instance query's first request with no instances and a continuation "
         "token, as the Azure Table service may (env DEVHOST_DURABLE_EMPTY_FIRST_PAGE=1)",
     )
+    parser.add_argument(
+        "--http-response-limit",
+        type=_seconds,
+        default=os.environ.get("DEVHOST_HTTP_RESPONSE_LIMIT_S") or HTTP_RESPONSE_LIMIT_S,
+        help="seconds an HTTP function has to answer before its caller gets 502 while it runs on, as "
+        f"behind Azure's load balancer (default {HTTP_RESPONSE_LIMIT_S:g}; env "
+        "DEVHOST_HTTP_RESPONSE_LIMIT_S)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -66,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
                 plugins=[webchat_plugin],
                 max_page=args.max_page,
                 empty_first_page=args.empty_first_page,
+                http_response_limit_s=args.http_response_limit,
             )
         )
     except AppLoadError as exc:

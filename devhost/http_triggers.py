@@ -7,6 +7,7 @@ sees and returns exactly what it would under the real worker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
@@ -20,16 +21,22 @@ from .invoker import Invoker
 
 log = logging.getLogger("devhost.http")
 
+# Azure's load balancer waits this long for an HTTP function's answer, whatever functionTimeout says;
+# then the caller gets 502 and the function runs on, its answer lost.
+HTTP_RESPONSE_LIMIT_S = 230.0
+
 
 def _json_error(status: int, message: str, **extra) -> web.Response:
     return web.json_response({"error": message, **extra}, status=status)
 
 
 class HttpTriggers:
-    def __init__(self, index: AppIndex, invoker: Invoker):
+    def __init__(self, index: AppIndex, invoker: Invoker, response_limit_s: float = HTTP_RESPONSE_LIMIT_S):
         self.index = index
         self.invoker = invoker
+        self.response_limit_s = response_limit_s
         self.prefix = "/" + index.route_prefix if index.route_prefix else ""
+        self._running: set[asyncio.Task] = set()  # invocations a caller gave up on, or the limit cut off
 
     def match(self, path: str, method: str) -> tuple[FunctionSpec | None, dict[str, str], list[str]]:
         allowed: list[str] = []
@@ -58,20 +65,57 @@ class HttpTriggers:
             body=await request.read(),
         )
         started = time.perf_counter()
+        # Its own task, as on Azure: neither a caller that hangs up nor the response limit stops it.
+        invocation = asyncio.ensure_future(self.invoker.call(spec, req))
+        self._running.add(invocation)
+        invocation.add_done_callback(self._running.discard)
+        done, _ = await asyncio.wait({invocation}, timeout=self.response_limit_s)
+        if not done:
+            invocation.add_done_callback(lambda task: self._ended_late(spec, request, task, started))
+            log.warning(
+                "no answer within %g s from http function %s (%s %s): the caller gets 502, as from Azure's "
+                "load balancer, and the function runs on",
+                self.response_limit_s,
+                spec.name,
+                request.method,
+                request.path,
+            )
+            return _json_error(
+                502,
+                f"function '{spec.name}' did not answer within {self.response_limit_s:g} s, Azure's limit "
+                "for an HTTP response; it goes on running, but its answer is lost",
+            )
         try:
-            response = self._to_response(spec, await self.invoker.call(spec, req))
+            response = self._to_response(spec, invocation.result())
         except Exception as exc:
             log.exception("http function %s failed", spec.name)
             response = _json_error(500, f"function '{spec.name}' failed: {type(exc).__name__}: {exc}")
+        self._log_done(spec, request, response.status, started)
+        return response
+
+    def _ended_late(
+        self, spec: FunctionSpec, request: web.Request, task: asyncio.Task, started: float
+    ) -> None:
+        error = None if task.cancelled() else task.exception()
+        if error is not None:
+            log.error(
+                "http function %s failed after its caller got 502: %s: %s",
+                spec.name,
+                type(error).__name__,
+                error,
+            )
+        self._log_done(spec, request, 502, started)
+
+    @staticmethod
+    def _log_done(spec: FunctionSpec, request: web.Request, status: int, started: float) -> None:
         log.info(
             "http name=%s method=%s path=%s status=%d duration_ms=%.1f",
             spec.name,
             request.method,
             request.path,
-            response.status,
+            status,
             (time.perf_counter() - started) * 1000,
         )
-        return response
 
     @staticmethod
     def _to_response(spec: FunctionSpec, result) -> web.Response:

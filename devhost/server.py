@@ -24,7 +24,7 @@ from .app_loader import AppIndex, load_app
 from .durable.api import ManagementApi, client_binding
 from .durable.engine import DurableEngine
 from .durable.store import Store
-from .http_triggers import HttpTriggers, describe
+from .http_triggers import HTTP_RESPONSE_LIMIT_S, HttpTriggers, describe
 from .invoker import Invoker
 from .timer_triggers import TimerTrigger
 
@@ -58,10 +58,12 @@ class DevHost:
         plugins: list[RoutePlugin] | None = None,
         max_page: int | None = None,
         empty_first_page: bool = False,
+        http_response_limit_s: float = HTTP_RESPONSE_LIMIT_S,
     ):
         self.root = root.resolve()
         self.max_page = max_page
         self.empty_first_page = empty_first_page
+        self.http_response_limit_s = http_response_limit_s
         self.bind = bind
         self.port = port
         self.state_dir = (state_dir or self.root / ".devhost").resolve()
@@ -89,7 +91,7 @@ class DevHost:
             self.index, self.store, self.invoker, orchestrator_executor=self._replay_pool
         )
         self.timers = {t.name.lower(): TimerTrigger(t, self.store, self.invoker) for t in self.index.timers}
-        self.http = HttpTriggers(self.index, self.invoker)
+        self.http = HttpTriggers(self.index, self.invoker, self.http_response_limit_s)
         app = web.Application(middlewares=[_errors_as_json], client_max_size=MAX_REQUEST_BYTES)
         app.add_routes(
             ManagementApi(self.engine, self.index.task_hub, self.max_page, self.empty_first_page).routes()
@@ -236,6 +238,7 @@ async def serve(
     plugins: list[RoutePlugin] | None = None,
     max_page: int | None = None,
     empty_first_page: bool = False,
+    http_response_limit_s: float = HTTP_RESPONSE_LIMIT_S,
 ) -> None:
     host = DevHost(
         root,
@@ -244,6 +247,7 @@ async def serve(
         plugins=plugins,
         max_page=max_page,
         empty_first_page=empty_first_page,
+        http_response_limit_s=http_response_limit_s,
     )
     await host.start()
     freeze_startup_heap()

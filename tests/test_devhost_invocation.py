@@ -27,7 +27,7 @@ def records(log: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, log.read_text().splitlines()) if r["kind"] == kind]
 
 
-def start_host(tmp: Path, schedule: str, timer_seconds: float) -> DevhostProcess:
+def start_host(tmp: Path, schedule: str, timer_seconds: float, **env: str) -> DevhostProcess:
     proc = DevhostProcess(
         APP,
         tmp / "state",
@@ -35,6 +35,7 @@ def start_host(tmp: Path, schedule: str, timer_seconds: float) -> DevhostProcess
             "HOST_TEST_LOG": str(tmp / "runs.log"),
             "SLOW_TIMER_SCHEDULE": schedule,
             "SLOW_TIMER_SECONDS": str(timer_seconds),
+            **env,
         },
     )
     proc.start()
@@ -95,6 +96,27 @@ def test_a_blocked_sync_function_does_not_hold_up_other_requests(host):
     finally:
         caller.join(30)
     assert held["body"] == "released"
+
+
+def test_an_http_function_past_azures_response_limit_gets_502_and_runs_on(tmp_path):
+    # Azure's load balancer gives an HTTP function 230 s (here 1 s), whatever functionTimeout says: the
+    # caller gets 502, the function is not stopped, and what it returns later reaches nobody.
+    host = start_host(tmp_path, YEARLY, 0.1, DEVHOST_HTTP_RESPONSE_LIMIT_S="1")
+    try:
+        cut = requests.get(f"{host.url}/api/hold", params={"timeout": "30"}, timeout=30)
+        assert cut.status_code == 502
+        assert "'hold' did not answer within 1 s, Azure's limit for an HTTP response" in cut.json()["error"]
+        # Still holding its thread: the release finds it waiting, and it then ends (logged, answer lost).
+        assert requests.post(f"{host.url}/api/release", timeout=10).text == "released"
+        ended = wait_for(
+            lambda: [r for r in log_records(host, "devhost.http", "http") if r["name"] == "hold"],
+            timeout=20,
+            what="the late end of hold in the log",
+        )
+        assert ended[-1]["status"] == "502" and float(ended[-1]["duration_ms"]) >= 1000
+        assert requests.get(f"{host.url}/api/where/async", timeout=10).status_code == 200  # quick ones answer
+    finally:
+        host.stop()
 
 
 # --- routing ----------------------------------------------------------------------------------------
