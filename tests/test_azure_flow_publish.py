@@ -139,7 +139,11 @@ def test_publishing_again_reuses_the_flow_hub_and_project(
         "POST flow-index",
     }
     assert sum(len(f) for f in fake_azure.flows.values()) == 1
-    assert [r.kind for r in again.created] == ["connection"]
+    # Still this run's flow (its display name names the run): listed though this try only found it.
+    assert [(r.kind, r.name) for r in again.created] == [
+        ("connection", "phi3-endpoint"),
+        ("flow", first.details["published_flow"]["flow_id"]),
+    ]
 
 
 def test_publish_off_skips_with_the_reason_and_calls_nothing(

@@ -403,8 +403,9 @@ class AzureBackend:
         )
         tags = {**setup.MANAGED_BY_TAG, "connection": connection}
         flow = publish.publish_chat_flow(in_project, staged, display_name, tags, self.settings.state_dir)
-        if flow.created:
-            created.append(ResourceRef(kind="flow", name=flow.flow_id, parent=project.name))
+        # The display name names the run (activities.publish), so a flow found by it is the one an
+        # earlier try of this step uploaded, even if that try died before it could say so.
+        created.append(ResourceRef(kind="flow", name=flow.flow_id, parent=project.name))
         return SetupResult(
             summary=(
                 f"chat flow '{flow.display_name}' {'uploaded to' if flow.created else 'already in'} Azure AI "
