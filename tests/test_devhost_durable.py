@@ -16,6 +16,7 @@ import requests
 
 from devhost.durable.history import EventType
 from tests.support.devhost import DevhostProcess, DurableAppHost
+from tests.support.polling import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -267,6 +268,35 @@ def test_terminate_stops_an_instance_and_keeps_the_reason(host):
     assert status["output"] == "no longer needed"
     again = requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "x"}, timeout=10)
     assert again.status_code == 410
+
+
+def test_terminate_is_queued_behind_an_episode_under_way_which_still_commits_what_it_decided(host, tmp_path):
+    # The extension queues a terminate: until the instance's next episode applies it, the instance reads
+    # as before, and an episode already running commits its decisions (here: an activity that then runs,
+    # its result dropped). A client that must act once the instance has ended waits for it to read so.
+    gate = tmp_path / "decide"
+    iid = host.start_orchestration("decides_slowly", {"gate": str(gate)})
+    wait_for(
+        lambda: any(r["instance"] == iid for r in host.records("deciding")),
+        timeout=20,
+        what="the first episode under way",
+    )
+    r = requests.post(f"{host.durable}/instances/{iid}/terminate", params={"reason": "canceled"}, timeout=10)
+    assert r.status_code == 202
+    assert host.status(iid).json()["runtimeStatus"] == "Pending"  # queued behind its first episode
+
+    gate.touch()
+    status = host.wait(iid)
+
+    assert (status["runtimeStatus"], status["output"]) == ("Terminated", "canceled")
+    wait_for(
+        lambda: any(r["step"] == iid for r in host.records("slow_step")),
+        timeout=20,
+        what="the activity the episode scheduled before the terminate was applied",
+    )
+    history = requests.get(f"{host.durable}/instances/{iid}", params={"showHistory": "true"}, timeout=10)
+    kinds = [e["EventType"] for e in history.json()["historyEvents"]]
+    assert kinds.index("TaskScheduled") < kinds.index("ExecutionTerminated")
 
 
 def test_raise_event_after_completion_is_gone(host):

@@ -120,22 +120,30 @@ class InstanceControl:
             self.kick(instance_id)
 
     def terminate(self, instance_id: str, reason: str) -> None:
-        inst = self._require(instance_id)
+        """Queued, as the extension queues it: the instance reads as before until its next episode
+        applies it, and an episode already under way commits what it decided first."""
+        self._require(instance_id)
+        ended = h.event(h.EventType.ExecutionTerminated, h.utcnow(), Input=reason)
         with self.store.transaction() as tx:
-            self._append(
-                tx, instance_id, [h.dumps(h.event(h.EventType.ExecutionTerminated, h.utcnow(), Input=reason))]
-            )
+            self.store.add_inbox(tx, instance_id, h.dumps(ended))
+        log.info("terminate queued instance=%s reason=%s", instance_id, reason)
+        self.kick(instance_id)
+
+    def _apply_termination(self, inst: Instance, event_json: str) -> None:
+        reason = json.loads(event_json).get("Input")
+        with self.store.transaction() as tx:
+            self._append(tx, inst.id, [event_json])
             self.store.update_instance(
-                tx, instance_id, status=h.TERMINATED, output=json.dumps(reason), updated=h.iso(h.utcnow())
+                tx, inst.id, status=h.TERMINATED, output=json.dumps(reason), updated=h.iso(h.utcnow())
             )
-            tx.execute("DELETE FROM inbox WHERE instance_id = ?", (instance_id,))
-            tx.execute("DELETE FROM work WHERE instance_id = ?", (instance_id,))
+            tx.execute("DELETE FROM inbox WHERE instance_id = ?", (inst.id,))
+            tx.execute("DELETE FROM work WHERE instance_id = ?", (inst.id,))
             self._notify_parent(
-                tx, inst, ok=False, reason=f"Orchestration '{instance_id}' was terminated: {reason}"
+                tx, inst, ok=False, reason=f"Orchestration '{inst.id}' was terminated: {reason}"
             )
-        self._replays.pop(instance_id, None)
+        self._replays.pop(inst.id, None)
         self._changed.set()
-        log.info("terminated instance=%s reason=%s", instance_id, reason)
+        log.info("terminated instance=%s reason=%s", inst.id, reason)
 
     def suspend(self, instance_id: str, reason: str) -> None:
         self._require(instance_id)

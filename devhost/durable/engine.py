@@ -74,6 +74,10 @@ class _Replay:
         self.events.extend(events)
 
 
+def _is_termination(event_json: str) -> bool:
+    return json.loads(event_json)["EventType"] == h.EventType.ExecutionTerminated
+
+
 class DurableEngine(InstanceControl, ActivityWorker):
     def __init__(
         self,
@@ -174,10 +178,17 @@ class DurableEngine(InstanceControl, ActivityWorker):
 
     async def _episode(self, instance_id: str) -> None:
         inst = self.store.get_instance(instance_id)
-        if inst is None or inst.status == h.SUSPENDED:
+        if inst is None:
             return
         rows = self.store.visible_inbox(instance_id, time.time())
         fresh = [r for r in rows if r.execution_id in (None, inst.execution_id)]
+        if inst.status not in h.TERMINAL_STATUSES:  # a termination goes first, suspended or not
+            ended = next((r for r in fresh if _is_termination(r.event)), None)
+            if ended is not None:
+                self._apply_termination(inst, ended.event)
+                return
+        if inst.status == h.SUSPENDED:
+            return
         if inst.status in h.TERMINAL_STATUSES or not fresh:
             if rows:
                 with self.store.transaction() as tx:

@@ -409,3 +409,17 @@ async def http_client_op(req: func.HttpRequest, client) -> func.HttpResponse:
             json.dumps({"error": f"{type(exc).__name__}: {exc}"}), mimetype="application/json"
         )
     return func.HttpResponse(json.dumps({"result": result}), mimetype="application/json")
+
+
+@app.orchestration_trigger(context_name="context")
+def decides_slowly(context: df.DurableOrchestrationContext):
+    """Its first episode takes until the file ``gate`` exists (as one building a large input might), then
+    schedules one step: a terminate asked for meanwhile has to wait for that episode."""
+    gate = Path(context.get_input()["gate"])
+    if not context.is_replaying:
+        _record("deciding", instance=context.instance_id)
+        deadline = time.monotonic() + 30
+        while not gate.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+    yield context.call_activity("slow_step", {"step": context.instance_id, "seconds": 0})
+    return "done"
