@@ -21,7 +21,8 @@ from pathlib import Path
 import requests
 from rich.console import Console
 
-from settings import get_settings
+from devhost.app_loader import AppLoadError, load_local_settings
+from settings import PROJECT_ROOT, get_settings
 
 from .cleanup import leave_nothing_running
 from .devhost_process import DevhostError, ManagedDevhost
@@ -177,6 +178,13 @@ def main(argv: list[str] | None = None) -> int:
     p_chat.add_argument("--endpoint", default=None, help="default: the newest endpoint with traffic")
     args = parser.parse_args(argv)
     console = Console()
+    try:
+        # The settings the devhost gives the app (it runs this project): the chat, the cleanup on leaving
+        # and the loss curve must find the run's endpoint and state where the app put them.
+        load_local_settings(PROJECT_ROOT)
+    except AppLoadError as exc:
+        console.print(f"[red]{exc}[/]")
+        return 2
     if args.command == "run":
         args.preset = args.preset or None
         return run(args, console)

@@ -278,7 +278,7 @@ def test_help_works_even_with_a_bad_devhost_port_in_the_environment(monkeypatch,
     assert exited.value.code == 0 and "--devhost-state" in capsys.readouterr().out
 
 
-def test_a_state_folder_that_cannot_be_made_is_reported_before_anything_starts(tmp_path, capsys):
+def test_a_state_folder_that_cannot_be_made_is_reported_before_anything_starts(tmp_path, app_root, capsys):
     from cli.__main__ import main
 
     blocker = tmp_path / "a-file"
@@ -286,3 +286,42 @@ def test_a_state_folder_that_cannot_be_made_is_reported_before_anything_starts(t
     assert main(["run", "--port", "0", "--devhost-state", str(blocker / "state"), "--no-chat"]) == 2
     printed = "".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal's width
     assert f"cannotmakethedevhost'sstatefolder{blocker / 'state'}:Notadirectory" in printed
+
+
+@pytest.fixture
+def app_root(tmp_path, monkeypatch):
+    """The CLI's app folder (where it reads local.settings.json) is a temporary one, and what that file
+    sets in the environment is undone afterwards."""
+    from settings import get_settings
+
+    monkeypatch.setattr("cli.__main__.PROJECT_ROOT", tmp_path)
+    for name in ("PHI3_STATE_DIR", "PHI3_BACKEND"):
+        monkeypatch.setenv(name, "")  # recorded, so the undo removes what the file sets
+        monkeypatch.delenv(name)
+    get_settings.cache_clear()
+    yield tmp_path
+    get_settings.cache_clear()
+
+
+def test_the_cli_takes_local_settings_json_as_the_devhost_gives_it_to_the_app(app_root, capsys):
+    # The devhost applies local.settings.json to the app; the CLI must look for the run's endpoint and
+    # state where the app put them, or its chat fails and its cleanup misses the endpoint.
+    from cli.__main__ import main
+    from settings import get_settings
+
+    state = app_root / "state-from-the-file"
+    settings_file = {"IsEncrypted": False, "Values": {"PHI3_STATE_DIR": str(state), "PHI3_BACKEND": "local"}}
+    (app_root / "local.settings.json").write_text(json.dumps(settings_file))
+
+    assert main(["chat"]) == 1  # nothing deployed in that state folder
+    assert "no endpoint with traffic" in capsys.readouterr().out
+    assert get_settings().state_dir == state
+
+
+def test_a_broken_local_settings_json_is_named_before_anything_starts(app_root, capsys):
+    from cli.__main__ import main
+
+    (app_root / "local.settings.json").write_text('{"Values": {')
+    assert main(["run", "--port", "0", "--no-chat"]) == 2
+    printed = "".join(capsys.readouterr().out.split())
+    assert f"{app_root / 'local.settings.json'}:notvalidJSON" in printed
