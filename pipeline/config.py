@@ -321,22 +321,47 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
                 f"{', '.join(LOCAL_SCHEDULERS)}",
             )
     else:
-        for field, value, setting in (
-            (
-                "azure.subscription_id",
-                az.subscription_id or settings.azure_subscription_id,
-                "AZURE_SUBSCRIPTION_ID",
-            ),
-            (
-                "azure.resource_group",
-                az.resource_group or settings.azure_resource_group,
-                "AZURE_RESOURCE_GROUP",
-            ),
-            ("azure.location", az.location or settings.azure_location, "AZURE_LOCATION"),
-        ):
-            if not value:
-                add(field, f"required with PHI3_BACKEND=azure (or set the app setting {setting})")
+        for field, message in azure_target_problems(az, settings):
+            add(f"azure.{field}", message)
+        if not (az.location or settings.azure_location):
+            add("azure.location", "required with PHI3_BACKEND=azure (or set the app setting AZURE_LOCATION)")
         problems += _workspace_name_problems(cfg, settings)
+    return problems
+
+
+# Where an Azure run lives comes from the app settings, which the status polls, the bot and the cleanup
+# timer read too: a run config's azure section may restate them, never point elsewhere.
+AZURE_TARGET = (
+    ("subscription_id", "azure_subscription_id", "AZURE_SUBSCRIPTION_ID"),
+    ("resource_group", "azure_resource_group", "AZURE_RESOURCE_GROUP"),
+    ("workspace", "azure_workspace", "AZURE_ML_WORKSPACE"),
+)
+
+
+def azure_target(settings: AppSettings) -> dict[str, str | None]:
+    """The subscription, resource group and workspace the app settings name (the workspace's default)."""
+    values = {field: getattr(settings, attr) for field, attr, _ in AZURE_TARGET}
+    values["workspace"] = values["workspace"] or DEFAULT_WORKSPACE
+    return values
+
+
+def azure_target_problems(az: AzureSection | None, settings: AppSettings) -> list[tuple[str, str]]:
+    """``(field, message)`` for each place the app settings leave unnamed, or the run config moves."""
+    target = azure_target(settings)
+    problems = []
+    for field, attr, setting in AZURE_TARGET:
+        configured, requested = target[field], getattr(az, field) if az else None
+        if not configured:
+            problems.append((field, f"set the app setting {setting} (required with PHI3_BACKEND=azure)"))
+        elif requested and requested != configured:
+            named = f"the app setting {setting}" if getattr(settings, attr) else f"{setting}'s default"
+            problems.append(
+                (
+                    field,
+                    f"'{requested}' differs from {named} '{configured}'; the status polls, the bot and the "
+                    f"cleanup timer use the app setting, so change {setting} instead",
+                )
+            )
     return problems
 
 
@@ -358,7 +383,7 @@ def foundry_names(workspace: str, cfg: RunConfig) -> tuple[str, str]:
 def _workspace_name_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProblem]:
     """The workspace (the app setting's, which the run config cannot override) and the hub and project
     names derived from it, refused now rather than by Azure after other resources were made."""
-    workspace = cfg.azure.workspace or settings.azure_workspace or DEFAULT_WORKSPACE
+    workspace = azure_target(settings)["workspace"]
     if not re.fullmatch(WORKSPACE_NAME_PATTERN, workspace):
         return [
             ConfigProblem(

@@ -37,12 +37,44 @@ def test_a_missing_subscription_is_refused_by_the_run_config_and_by_the_backend(
     assert [(p.field, p.message) for p in refused.value.problems] == [
         (
             "azure.subscription_id",
-            "required with PHI3_BACKEND=azure (or set the app setting AZURE_SUBSCRIPTION_ID)",
+            "set the app setting AZURE_SUBSCRIPTION_ID (required with PHI3_BACKEND=azure)",
         )
     ]
+    # The run config cannot stand in for it: the status polls, the bot and the cleanup timer read the
+    # app settings alone.
+    with pytest.raises(InvalidRunConfig, match="set the app setting AZURE_SUBSCRIPTION_ID"):
+        config(settings, azure={"subscription_id": "00000000-0000-4000-8000-000000000001"})
     with pytest.raises(BackendError, match="set the app setting AZURE_SUBSCRIPTION_ID"):
         AzureBackend(settings).ensure_workspace(RunConfig())
     assert fake_azure.server.exchanges == []
+
+
+@pytest.mark.parametrize("workspace_setting", ["phi3-finetune", None], ids=["set", "unset: its default"])
+def test_a_run_config_workspace_other_than_the_app_settings_is_refused_before_any_call(
+    azure_settings, fake_azure, monkeypatch, workspace_setting
+):
+    # With the setting unset the app's other parts use its default workspace: a run elsewhere would
+    # leave a GPU endpoint the cleanup timer never sees, and its job's status polls would look in vain.
+    if workspace_setting:
+        monkeypatch.setenv("AZURE_ML_WORKSPACE", workspace_setting)
+    else:
+        monkeypatch.delenv("AZURE_ML_WORKSPACE", raising=False)
+    settings = AppSettings()
+    named = "the app setting AZURE_ML_WORKSPACE" if workspace_setting else "AZURE_ML_WORKSPACE's default"
+    expected = (
+        f"'somewhere-else' differs from {named} 'phi3-finetune'; the status polls, the bot and the "
+        "cleanup timer use the app setting, so change AZURE_ML_WORKSPACE instead"
+    )
+    with pytest.raises(InvalidRunConfig) as refused:
+        config(settings, azure={"workspace": "somewhere-else"})
+    assert [(p.field, p.message) for p in refused.value.problems] == [("azure.workspace", expected)]
+    with pytest.raises(BackendError) as backend_refused:
+        AzureBackend(settings).ensure_workspace(
+            RunConfig.model_validate({"azure": {"workspace": "somewhere-else"}})
+        )
+    assert str(backend_refused.value) == f"azure.workspace: {expected}"
+    assert fake_azure.server.exchanges == []
+    config(settings, azure={"workspace": "phi3-finetune"})  # restating it is fine
 
 
 def test_an_unknown_subscription_fails_at_the_first_azure_call_naming_the_setting(
@@ -120,14 +152,6 @@ def test_a_new_workspace_named_with_a_digit_first_is_refused_before_its_template
     assert not [
         e for e in fake_azure.server.exchanges if e.route == "template-deployment" and e.method == "PUT"
     ]
-
-
-def test_a_run_config_pointing_at_another_workspace_than_the_app_settings_is_refused(
-    azure_backend: AzureBackend,
-):
-    cfg = config(azure_backend.settings, azure={"workspace": "somewhere-else"})
-    with pytest.raises(BackendError, match="change AZURE_ML_WORKSPACE instead"):
-        azure_backend.ensure_workspace(cfg)
 
 
 def test_a_sku_outside_the_models_recommended_list_only_warns(azure_backend: AzureBackend):

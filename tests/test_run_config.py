@@ -192,14 +192,16 @@ def test_a_bad_workspace_setting_is_refused_naming_the_setting():
 def test_derived_foundry_names_too_long_for_azure_are_refused_before_the_run(
     azure, mode, workspace, field, derived
 ):
-    found = problems({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": workspace}}, azure)
+    settings = azure.model_copy(update={"azure_workspace": workspace})
+    found = problems({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": workspace}}, settings)
 
     assert f"name '{derived}' (derived from the workspace '{workspace}') is longer than 33" in found[field]
 
 
 def test_a_short_enough_workspace_passes_in_both_modes(azure):
+    settings = azure.model_copy(update={"azure_workspace": "w" * 25})
     for mode in ("serverless", "managed_compute"):
-        parse_run_config({**SMOKE_AZURE, "mode": mode, "azure": {"workspace": "w" * 25}}, azure)
+        parse_run_config({**SMOKE_AZURE, "mode": mode}, settings)
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,7 @@ from backends.protocol import (
     SetupResult,
     connection_ref,
 )
-from pipeline.config import DEFAULT_WORKSPACE, RunConfig, resolve_project_path
+from pipeline.config import RunConfig, azure_target, azure_target_problems, resolve_project_path
 from pipeline.naming import RunNames
 from settings import AppSettings
 
@@ -47,11 +47,6 @@ SERVERLESS_NO_IDENTITY = (
     "serverless mode: the fine-tune and the serverless endpoint run in Azure AI Foundry's own capacity, "
     "so no "
     "managed identity or role assignments of ours are involved"
-)
-TARGET_FIELDS = (
-    ("subscription_id", "azure_subscription_id", "AZURE_SUBSCRIPTION_ID"),
-    ("resource_group", "azure_resource_group", "AZURE_RESOURCE_GROUP"),
-    ("workspace", "azure_workspace", "AZURE_ML_WORKSPACE"),
 )
 
 
@@ -69,21 +64,11 @@ class AzureBackend:
 
     # where things live -------------------------------------------------------------------------
     def _target(self, cfg: RunConfig | None = None) -> AzureTarget:
-        values = {}
-        for field, attr, setting in TARGET_FIELDS:
-            configured = getattr(self.settings, attr)
-            requested = getattr(cfg.azure, field) if cfg else None
-            if requested and configured and requested != configured:
-                raise BackendError(
-                    f"azure.{field} '{requested}' differs from the app setting {setting} '{configured}'; "
-                    "the status "
-                    f"polls, the bot and the cleanup timer use the app setting, so change {setting} instead"
-                )
-            value = configured or requested or (DEFAULT_WORKSPACE if field == "workspace" else None)
-            if not value:
-                raise BackendError(f"set the app setting {setting} (required with PHI3_BACKEND=azure)")
-            values[field] = value
-        return AzureTarget(**values)
+        problems = azure_target_problems(cfg.azure if cfg else None, self.settings)
+        if problems:
+            field, message = problems[0]
+            raise BackendError(f"azure.{field}: {message}")
+        return AzureTarget(**azure_target(self.settings))
 
     def _clients(self, cfg: RunConfig | None = None) -> AzureClients:
         return self.session.clients(self._target(cfg))
@@ -113,8 +98,7 @@ class AzureBackend:
                 f"serverless fine-tuning of Phi-3 runs only in East US 2 (eastus2), not '{location}'; set "
                 "azure.location / AZURE_LOCATION to eastus2 and use a workspace (Foundry project) there"
             )
-        clients = self._clients(cfg)
-        self._target(None)  # the app settings must name the same place (see the module docstring)
+        clients = self._clients(cfg)  # refuses a run config that points elsewhere than the app settings
         model = catalog.base_model(clients, cfg.azure.registry, cfg.model.name)
         details: dict = {"base_model": model.id, "location": location}
         if cfg.mode == "serverless":
