@@ -116,6 +116,19 @@ def test_registering_a_checkpoint_writes_its_weights_once(local: LocalBackend, c
     assert size <= written < size + STAND_IN_BYTES // 2
 
 
+def test_registering_a_jobs_checkpoint_again_copies_nothing_and_reuses_its_version(
+    local: LocalBackend, checkpoint: Path
+):
+    first = local.registry.register_directory(checkpoint, MODEL, JOB)
+    before = bytes_written()
+
+    again = local.registry.register_directory(checkpoint, MODEL, JOB)
+
+    assert again == first
+    assert bytes_written() - before < STAND_IN_BYTES // 2
+    assert versions(local.registry) == ["1"]
+
+
 def test_a_retry_after_a_kill_mid_copy_registers_one_complete_version(
     local: LocalBackend, checkpoint: Path, tmp_path: Path
 ):
