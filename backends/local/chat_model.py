@@ -139,19 +139,54 @@ def log_chat_model(
 
     The signature is given explicitly and there is no input example, so logging never loads the
     weights or generates (MLflow would otherwise run predict once at log time).
+
+    The weights are copied once. `mlflow.pyfunc.log_model` copies them twice: into a temporary
+    model directory, then from there into the artifact store — minutes for Phi-3-mini's 7.6 GB on a
+    slow disk. With a local artifact store the model is saved straight into the logged model's
+    artifact directory instead, and marked READY only once it is complete (a killed attempt leaves a
+    PENDING model that no version points to).
     """
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    client = mlflow.MlflowClient()
+    run = mlflow.active_run()
+    run_id = run.info.run_id if run else None
+    run_params = client.get_run(run_id).data.params if run_id else None  # as log_model records them
+    logged = mlflow.initialize_logged_model(name=artifact_name, source_run_id=run_id, params=run_params)
+    repo = get_artifact_repository(logged.artifact_location)
+    saved = {
+        "python_model": str(Path(__file__).resolve()),
+        "artifacts": {MODEL_DIR_ARTIFACT: str(model_dir)},
+        "signature": chat_signature(),
+        "pip_requirements": pip_requirements or default_pip_requirements(),
+        "metadata": {"task": "chat-completion"},
+    }
     with warnings.catch_warnings():
         # The explicit signature replaces the input example MLflow asks for (see predict's comment).
         warnings.filterwarnings("ignore", message=".*input example was not provided.*")
-        info = mlflow.pyfunc.log_model(
-            name=artifact_name,
-            python_model=str(Path(__file__).resolve()),
-            artifacts={MODEL_DIR_ARTIFACT: str(model_dir)},
-            signature=chat_signature(),
-            pip_requirements=pip_requirements or default_pip_requirements(),
-            metadata={"task": "chat-completion"},
-        )
-    return info.model_uri
+        if not isinstance(repo, LocalArtifactRepository):  # a remote store: MLflow uploads the model
+            return mlflow.pyfunc.log_model(model_id=logged.model_id, **saved).model_uri
+        if run_id:
+            client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=0)])
+        try:
+            mlflow.pyfunc.save_model(
+                path=repo.artifact_dir,
+                mlflow_model=Model(
+                    artifact_path=logged.artifact_location,
+                    model_uuid=logged.model_id,
+                    run_id=run_id,
+                    model_id=logged.model_id,
+                ),
+                **saved,
+            )
+        except BaseException:
+            mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+    mlflow.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+    return f"models:/{logged.model_id}"
 
 
 # Executed when MLflow runs this file as model code; a plain import only sets MLflow's pending model.

@@ -99,7 +99,13 @@ class LocalRegistry:
             client.delete_registered_model(name)
 
     def register_directory(self, checkpoint: Path, model_name: str, job_name: str) -> RegisteredModel:
-        """Log a plain HF checkpoint as a chat pyfunc model (in the evaluation experiment) and register it."""
+        """Log a plain HF checkpoint as a chat pyfunc model (in the evaluation experiment) and register it.
+
+        A retried step finds the version it registered before logging anything: logging copies the weights.
+        """
+        existing = self.version_for_job(model_name, job_name)
+        if existing:
+            return existing
         import mlflow
 
         from .chat_model import log_chat_model
