@@ -19,6 +19,8 @@ from typing import Any
 import pytest
 
 import pipeline.dataset_scan as dataset_scan
+from activities.steps import StepInput, prepare_dataset_step, upload_data
+from backends.local.backend import LocalBackend
 from pipeline.chat_dataset import (
     PROBLEMS_FILE,
     SCAN_DIR,
@@ -34,6 +36,8 @@ from pipeline.chat_dataset import (
     prepare_dataset,
 )
 from pipeline.chat_validation import APPROX_TOKENIZER, approx_token_count
+from pipeline.config import RunConfig
+from settings import get_settings
 from tests.test_chat_dataset import chat, write_jsonl
 
 CHECKPOINT_ROWS = dataset_scan.CHECKPOINT_ROWS
@@ -257,3 +261,77 @@ def test_each_kind_of_source_resumes_at_the_saved_row_with_the_same_origins(tmp_
     assert len(said) >= 2
     assert report == prepare_dataset(load_rows(chosen), out_dir=tmp_path / "out", drop_invalid=True)
     assert outputs(tmp_path / "out") == in_parts
+
+
+# The step -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def app_settings(tmp_path, monkeypatch):
+    """The settings a step reads: the state under tmp_path, and what a test sets (e.g. the budget)."""
+
+    def use(**values: object) -> None:
+        for name, value in values.items():
+            monkeypatch.setenv(name, str(value))
+        get_settings.cache_clear()
+
+    use(PHI3_STATE_DIR=tmp_path / "phi3", DATASET_CALL_BUDGET_S=420)
+    yield use
+    get_settings.cache_clear()
+
+
+def dataset_step(tmp_path: Path, rows: list[Any]):
+    config = RunConfig.model_validate(
+        {
+            "model": {"name": "tiny-phi3"},
+            "dataset": {"hub_id": None, "files": [str(write_jsonl(tmp_path / "c.jsonl", rows))]},
+        }
+    )
+    backend = LocalBackend(get_settings(), restart_endpoints=False)
+
+    def call(step, run_id: str, state: dict[str, Any] | None = None):
+        return step(StepInput(run_id=run_id, config=config, names={}, state=state or {}), backend)
+
+    return call
+
+
+def without_paths(dataset: dict[str, Any]) -> dict[str, Any]:
+    return {
+        key: {k: v for k, v in value.items() if k != "path"} if key.endswith("_file") else value
+        for key, value in dataset.items()
+    }
+
+
+def test_the_dataset_step_hands_back_with_its_progress_and_ends_as_one_call_would(
+    tmp_path, app_settings, clock
+):
+    call = dataset_step(tmp_path, ROWS)
+    app_settings(DATASET_CALL_BUDGET_S=1)
+
+    handed_back = []
+    while (result := call(prepare_dataset_step, "in-parts")).pending:
+        handed_back.append(result.pending)
+    app_settings(DATASET_CALL_BUDGET_S=420)
+    clock()
+    whole = call(prepare_dataset_step, "whole")
+
+    assert handed_back == [f"scanned {n} rows of the source" for n in range(CHUNK, len(ROWS), CHUNK)]
+    assert result.ok and not whole.pending and result.summary == whole.summary
+    assert without_paths(result.outputs["dataset"]) == without_paths(whole.outputs["dataset"])
+
+
+def test_upload_data_on_a_host_without_the_prepared_files_prepares_them_again_in_parts(
+    tmp_path, app_settings
+):
+    call = dataset_step(tmp_path, ROWS)
+    prepared = call(prepare_dataset_step, "r").outputs
+    for name in ("train_file", "test_file"):
+        Path(prepared["dataset"][name]["path"]).unlink()  # prepared by another host instance
+    app_settings(DATASET_CALL_BUDGET_S=1)
+
+    handed_back = []
+    while (result := call(upload_data, "r", prepared)).pending:
+        handed_back.append(result.pending)
+
+    assert handed_back[0] == f"preparing the dataset again on this host: scanned {CHUNK} rows of the source"
+    assert result.outputs["data"]["train"]["sha256"] == prepared["dataset"]["train_file"]["sha256"]
