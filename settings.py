@@ -48,6 +48,11 @@ class AppSettings(BaseSettings):
     # started just before this budget may take deployment.request_timeout_ms (up to 3 min), and loading
     # the flow and logging the results take the rest.
     evaluation_call_budget_s: float = Field(360.0, gt=0, le=400, alias="EVALUATION_CALL_BUDGET_S")
+    # How long one call of the prepare_dataset step reads and checks rows before it hands back (its
+    # progress is saved; the next call goes on from there): one activity must end within host.json's
+    # functionTimeout (10 min), and past this budget a call still finishes its chunk of rows (at most
+    # 5 s) and, the last one, writes the split files.
+    dataset_call_budget_s: float = Field(360.0, gt=0, le=420, alias="DATASET_CALL_BUDGET_S")
     # Evaluation on Azure compares with the base model only when this is on: it deploys the catalog
     # model beside the fine-tuned one (a second GPU deployment, billed while it exists).
     azure_evaluate_base_model: bool = Field(False, alias="AZURE_EVALUATE_BASE_MODEL")

@@ -25,7 +25,15 @@ from backends.protocol import (
     SetupResult,
     StillProvisioning,
 )
-from pipeline.chat_dataset import HubDataset, LocalFiles, load_rows, prepare_dataset
+from pipeline import dataset_scan
+from pipeline.chat_dataset import (
+    DatasetReport,
+    HubDataset,
+    LocalFiles,
+    ScanProgress,
+    load_rows,
+    prepare_dataset,
+)
 from pipeline.config import LOCAL_BASE_MODELS, RunConfig, resolve_project_path, row_token_limit
 from pipeline.steps import StepResult
 from settings import get_settings
@@ -79,7 +87,11 @@ def _source(cfg: RunConfig):
     return HubDataset(id=ds.hub_id, split=ds.split, config_name=ds.config_name)
 
 
-def _prepare(inp: StepInput, backend: MLBackend):
+def _prepare(inp: StepInput, backend: MLBackend) -> DatasetReport | ScanProgress:
+    """The dataset, or how far a big source's scan got in this call's budget (saved: the next call goes on).
+
+    ``DATASET_CALL_BUDGET_S`` counts from here, so loading the tokenizer is part of it."""
+    until = dataset_scan.monotonic() + get_settings().dataset_call_budget_s
     cfg = inp.config
     count_tokens, tokenizer_name = backend.token_counter(cfg)
     return prepare_dataset(
@@ -92,11 +104,14 @@ def _prepare(inp: StepInput, backend: MLBackend):
         tokenizer_name=tokenizer_name,
         max_tokens=row_token_limit(cfg)[0],
         epochs=cfg.hyperparameters.num_train_epochs,
+        until=until,
     )
 
 
 def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
     report = _prepare(inp, backend)
+    if isinstance(report, ScanProgress):  # the orchestrator calls again after a durable timer
+        return StepResult(pending=str(report))
     tokens = report.tokens
     summary = (
         f"{report.rows_valid} valid of {report.rows_read} rows → {report.train_rows} train / "
@@ -157,7 +172,9 @@ def upload_data(inp: StepInput, backend: MLBackend) -> StepResult:
     train, test = Path(dataset["train_file"]["path"]), Path(dataset["test_file"]["path"])
     if not (train.exists() and test.exists()):
         # Another host instance prepared the data: preparation is deterministic, so redo it here.
-        _prepare(inp, backend)
+        redone = _prepare(inp, backend)
+        if isinstance(redone, ScanProgress):
+            return StepResult(pending=f"preparing the dataset again on this host: {redone}")
     assets = backend.upload_data(inp.run_id, train, test)
     created = [
         ResourceRef(kind="data", name=a.name, version=a.version) for a in (assets.train, assets.validation)

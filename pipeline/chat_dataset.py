@@ -6,6 +6,10 @@ validates every row (see ``chat_validation``), splits them exactly like ``Datase
 with the same seed, writes ``train.jsonl`` and ``test.jsonl`` holding ``{"messages": [...]}`` only,
 and returns a compact ``DatasetReport`` that is safe to hand to Durable. Blank JSONL lines are
 skipped silently; line numbers in problems are always physical line numbers.
+
+A big source takes longer to scan than one Functions activity may run: given ``until``, the scan saves
+its progress every few thousand rows (``dataset_scan``) and a call that has run out of time hands back a
+``ScanProgress``; the next call goes on from the saved row, and the files come out the same bytes.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ import math
 import os
 import re
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,17 +34,24 @@ from pipeline.chat_validation import (
     DatasetError,
     DatasetReport,
     InvalidDatasetError,
-    Issue,
     OutputFile,
     Problem,
     ProblemReason,
     RowOrigin,
     TokenStats,
     approx_token_count,
-    check_row,
     json_refusal,
     token_stats,
     tokenizer_counter,
+)
+from pipeline.dataset_scan import (
+    ReadPosition,
+    Scan,
+    ScanCheckpoint,
+    ScanProgress,
+    scan_in_chunks,
+    scan_rows,
+    write_atomically,
 )
 
 __all__ = [
@@ -55,7 +66,10 @@ __all__ = [
     "OutputFile",
     "Problem",
     "ProblemReason",
+    "ReadPosition",
+    "ScanProgress",
     "SourceRow",
+    "SourceRows",
     "TokenStats",
     "load_rows",
     "prepare_dataset",
@@ -67,6 +81,7 @@ __all__ = [
 TRAIN_FILE = "train.jsonl"
 TEST_FILE = "test.jsonl"
 PROBLEMS_FILE = "problems.json"
+SCAN_DIR = "scan"  # under out_dir: the progress of a scan with a deadline
 MAX_LISTED_PROBLEMS = 50
 _PARQUET_BATCH_ROWS = 2048
 
@@ -119,35 +134,80 @@ class SourceRow:
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def load_rows(source: DatasetSource | str | os.PathLike[str]) -> Iterator[SourceRow]:
+def load_rows(source: DatasetSource | str | os.PathLike[str]) -> SourceRows:
     """Rows of a hub split or of local files, in order, each with its origin (file + line or row)."""
-    if isinstance(source, HubDataset):
-        yield from _read_hub(source)
-        return
-    files = source if isinstance(source, LocalFiles) else LocalFiles(paths=[Path(source)])
+    if isinstance(source, HubDataset | LocalFiles):
+        return SourceRows(source)
+    return SourceRows(LocalFiles(paths=[Path(source)]))
+
+
+class SourceRows(Iterator[SourceRow]):
+    """The rows of a source, read as they are asked for; ``position`` says where reading stands after
+    the last row handed out, and another reader of the same source can ``start_after`` it."""
+
+    def __init__(self, source: DatasetSource) -> None:
+        self.source = source
+        self._start = ReadPosition()
+        self._handed_out = 0
+        self._rows: Iterator[SourceRow] | None = None
+        self._stream: Any = None  # a hub split's IterableDataset, once it is open
+
+    def start_after(self, position: ReadPosition) -> None:
+        """Skip the rows before ``position`` (a hub stream goes on from its saved state)."""
+        if self._rows is not None:
+            raise RuntimeError("start_after must come before the first row is read")
+        self._start = position
+
+    def position(self) -> ReadPosition:
+        state = self._stream.state_dict() if self._stream is not None else self._start.stream_state
+        return ReadPosition(rows=self._start.rows + self._handed_out, stream_state=state)
+
+    def __next__(self) -> SourceRow:
+        if self._rows is None:
+            self._rows = self._read()
+        row = next(self._rows)
+        self._handed_out += 1
+        return row
+
+    def _read(self) -> Iterator[SourceRow]:
+        if isinstance(self.source, HubDataset):
+            return _read_hub(self.source, self._start, self._opened)
+        return _read_files(self.source, self._start.rows)
+
+    def _opened(self, stream: Any) -> None:
+        self._stream = stream
+
+
+# Each reader skips the first ``skip`` rows (still counting them for rows' origins) and returns how many
+# it skipped, so that the rest of the skip falls on the next file.
+RowReader = Generator[SourceRow, None, int]
+
+
+def _read_files(files: LocalFiles, skip: int) -> Iterator[SourceRow]:
     for path in files.paths:
-        yield from _read_path(Path(path), files.split)
+        skip -= yield from _read_path(Path(path), files.split, skip)
 
 
-def _read_path(path: Path, split: str | None) -> Iterator[SourceRow]:
+def _read_path(path: Path, split: str | None, skip: int) -> RowReader:
     if path.is_dir():
-        if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
-            yield from _read_saved_dataset(path, split)
-            return
-        members = sorted(p for p in path.iterdir() if p.suffix in (".jsonl", ".parquet"))
+        if _is_saved_dataset(path):
+            return (yield from _read_saved_dataset(path, split, skip))
+        members = _members(path)
         if not members:
             raise DatasetSourceError(
                 f"dataset directory {path} holds neither a dataset saved with datasets' save_to_disk "
                 "nor any .jsonl or .parquet file"
             )
+        skipped = 0
         for member in members:
-            yield from _read_path(member, split)
+            skipped += yield from _read_path(member, split, skip - skipped)
+        return skipped
     elif not path.exists():
         raise DatasetSourceError(f"dataset file {path} does not exist; check dataset.files")
     elif path.suffix == ".jsonl":
-        yield from _read_jsonl(path)
+        return (yield from _read_jsonl(path, skip))
     elif path.suffix == ".parquet":
-        yield from _read_parquet(path)
+        return (yield from _read_parquet(path, skip))
     else:
         raise DatasetSourceError(
             f"dataset file {path} has suffix '{path.suffix}'; supported: .jsonl (one JSON object per line), "
@@ -155,7 +215,16 @@ def _read_path(path: Path, split: str | None) -> Iterator[SourceRow]:
         )
 
 
-def _read_jsonl(path: Path) -> Iterator[SourceRow]:
+def _is_saved_dataset(directory: Path) -> bool:
+    return (directory / "dataset_dict.json").exists() or (directory / "state.json").exists()
+
+
+def _members(directory: Path) -> list[Path]:
+    """The files read from a directory that was not saved with ``datasets``."""
+    return sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".parquet"))
+
+
+def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
     # Read the lines ourselves: datasets' json loader stops at the first bad line without saying which.
     row = 0
     with path.open("rb") as lines:
@@ -164,6 +233,8 @@ def _read_jsonl(path: Path) -> Iterator[SourceRow]:
                 continue
             origin = RowOrigin(path.name, row, line_number)
             row += 1
+            if row <= skip:
+                continue
             try:
                 value = json.loads(raw)
             except UnicodeDecodeError as error:
@@ -185,6 +256,7 @@ def _read_jsonl(path: Path) -> Iterator[SourceRow]:
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_ENCODING, message))
                 continue
             yield SourceRow(origin, value)
+    return min(row, skip)
 
 
 def _bad_utf8(error: UnicodeDecodeError) -> str:
@@ -202,7 +274,7 @@ def _lone_surrogate(value: Any) -> str | None:
     return found.group() if found else None
 
 
-def _read_parquet(path: Path) -> Iterator[SourceRow]:
+def _read_parquet(path: Path, skip: int = 0) -> RowReader:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -210,14 +282,23 @@ def _read_parquet(path: Path) -> Iterator[SourceRow]:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as error:
         raise DatasetSourceError(f"dataset file {path} is not a readable Parquet file: {error}") from error
+    if skip >= parquet.metadata.num_rows:
+        return parquet.metadata.num_rows
+    return (yield from _read_batches(parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS), path.name, skip))
+
+
+def _read_batches(batches: Iterable[Any], name: str, skip: int) -> RowReader:
+    """Rows of Arrow record batches or tables; a batch wholly skipped is never turned into Python."""
     row = 0
-    for batch in parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS):
-        for value in batch.to_pylist():
-            yield SourceRow(RowOrigin(path.name, row), value)
-            row += 1
+    for batch in batches:
+        first = min(max(skip - row, 0), batch.num_rows)
+        for index, value in enumerate(batch.slice(first).to_pylist(), start=row + first):
+            yield SourceRow(RowOrigin(name, index), value)
+        row += batch.num_rows
+    return min(row, skip)
 
 
-def _read_saved_dataset(path: Path, split: str | None) -> Iterator[SourceRow]:
+def _read_saved_dataset(path: Path, split: str | None, skip: int) -> RowReader:
     import datasets
 
     loaded = datasets.load_from_disk(str(path))
@@ -229,11 +310,8 @@ def _read_saved_dataset(path: Path, split: str | None) -> Iterator[SourceRow]:
                 f"dataset directory {path} has splits {', '.join(loaded)}; set dataset.split to one of them"
             )
         loaded, name = loaded[split], f"{path.name}/{split}"
-    row = 0
-    for batch in loaded.with_format("arrow").iter(batch_size=_PARQUET_BATCH_ROWS):
-        for value in batch.to_pylist():
-            yield SourceRow(RowOrigin(name, row), value)
-            row += 1
+    batches = loaded.with_format("arrow").iter(batch_size=_PARQUET_BATCH_ROWS)
+    return (yield from _read_batches(batches, name, skip))
 
 
 @dataclass(frozen=True)
@@ -282,7 +360,9 @@ def _parse_split(spec: str) -> Any:
     return instruction
 
 
-def _read_hub(source: HubDataset) -> Iterator[SourceRow]:
+def _read_hub(source: HubDataset, start: ReadPosition, opened: Callable[[Any], None]) -> Iterator[SourceRow]:
+    """The rows of a hub split, streamed; from ``start`` on (the stream's saved state: whole shards are
+    skipped unread), handing the stream to ``opened`` so that its state can be saved in turn."""
     import datasets
     from datasets.exceptions import DatasetNotFoundError
 
@@ -303,8 +383,11 @@ def _read_hub(source: HubDataset) -> Iterator[SourceRow]:
             stream = stream.skip(chosen.start)
         if chosen.stop is not None:
             stream = stream.take(max(chosen.stop - chosen.start, 0))
+        if start.stream_state is not None:
+            stream.load_state_dict(start.stream_state)
+        opened(stream)
         label = f"{source.id}:{chosen.split}"  # rows are numbered from the start of the whole split
-        for row, value in enumerate(stream, start=chosen.start):
+        for row, value in enumerate(stream, start=chosen.start + start.rows):
             yield SourceRow(RowOrigin(label, row), value)
     except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as error:
         raise DatasetSourceError(
@@ -315,19 +398,6 @@ def _read_hub(source: HubDataset) -> Iterator[SourceRow]:
 
 
 # ---------------------------------------------------------------------------------------------- preparing
-
-
-@dataclass
-class _Scan:
-    """What one pass over the rows learned; encoded lines are kept instead of parsed rows to save memory."""
-
-    rows_read: int = 0
-    rows_invalid: int = 0
-    rows_too_long: int = 0
-    lines: list[str] = field(default_factory=list)
-    lengths: list[int] = field(default_factory=list)
-    assistant_tokens: int = 0
-    problems: list[Problem] = field(default_factory=list)
 
 
 def prepare_dataset(
@@ -341,15 +411,60 @@ def prepare_dataset(
     tokenizer_name: str | None = None,
     max_tokens: int = 4096,
     epochs: float = 3,
-) -> DatasetReport:
-    """Validate, split, write ``train.jsonl`` + ``test.jsonl`` under ``out_dir``; same input, same bytes."""
+    until: float | None = None,
+) -> DatasetReport | ScanProgress:
+    """Validate, split, write ``train.jsonl`` + ``test.jsonl`` under ``out_dir``; same input, same bytes.
+
+    With ``until`` (a ``dataset_scan.monotonic()`` value) the scan saves its progress under
+    ``out_dir/scan`` after every chunk of rows and, once past ``until``, hands back a ``ScanProgress``;
+    the next call with the same arguments goes on from there (so ``rows`` must come from ``load_rows``).
+    Every call scans at least one chunk; the files and the report are the same as one call's.
+    """
     _check_settings(test_size, max_tokens, epochs)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer: str = tokenizer_name or (
         APPROX_TOKENIZER if count_tokens is None else str(getattr(count_tokens, "__name__", "custom"))
     )
-    scan = _scan(rows, count_tokens or approx_token_count, max_tokens)
+    count = count_tokens or approx_token_count
+    if until is None:
+        scan: Scan | ScanProgress = scan_rows(rows, count, max_tokens)
+        checkpoint = None
+    else:
+        if not isinstance(rows, SourceRows):
+            raise TypeError("prepare_dataset(until=...) resumes reading where a call stopped: use load_rows")
+        checkpoint = ScanCheckpoint(out / SCAN_DIR, _fingerprint(rows.source, tokenizer, max_tokens))
+        scan = scan_in_chunks(rows, count, max_tokens, checkpoint, until)
+    if isinstance(scan, ScanProgress):
+        return scan
+    try:
+        return _split_and_write(scan, out, test_size, seed, drop_invalid, tokenizer, max_tokens, epochs)
+    finally:  # the scan is whole in memory now; its saved copy would only double the run's data on disk
+        if checkpoint is not None:
+            checkpoint.clear()
+
+
+def _check_settings(test_size: float, max_tokens: int, epochs: float) -> None:
+    if not 0 < test_size < 1:
+        raise DatasetError(f"dataset.test_size must be between 0 and 1 (exclusive), got {test_size}")
+    if max_tokens < 1:
+        raise DatasetError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+    if epochs <= 0:
+        raise DatasetError(f"epochs must be positive, got {epochs}")
+
+
+def _split_and_write(
+    scan: Scan,
+    out: Path,
+    test_size: float,
+    seed: int,
+    drop_invalid: bool,
+    tokenizer: str,
+    max_tokens: int,
+    epochs: float,
+) -> DatasetReport:
+    if scan.rows_read == 0:
+        raise DatasetError("the dataset source has no rows; check dataset.files or dataset.split")
     problems_file = _write_problems(out / PROBLEMS_FILE, scan.problems)
     report = DatasetReport(
         rows_read=scan.rows_read,
@@ -382,37 +497,31 @@ def prepare_dataset(
     )
 
 
-def _check_settings(test_size: float, max_tokens: int, epochs: float) -> None:
-    if not 0 < test_size < 1:
-        raise DatasetError(f"dataset.test_size must be between 0 and 1 (exclusive), got {test_size}")
-    if max_tokens < 1:
-        raise DatasetError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
-    if epochs <= 0:
-        raise DatasetError(f"epochs must be positive, got {epochs}")
+def _fingerprint(source: DatasetSource, tokenizer: str, max_tokens: int) -> str:
+    """What a saved scan is of: the source (with its files' sizes and times), the tokenizer and the limit."""
+    files: list[tuple[str, int, int]] = []
+    reader = None
+    if isinstance(source, HubDataset):
+        import datasets
 
-
-def _scan(rows: Iterable[SourceRow], count_tokens: CountTokens, max_tokens: int) -> _Scan:
-    scan = _Scan()
-    encode = json.JSONEncoder(ensure_ascii=False).encode  # one encoder: json.dumps(**kw) builds one per call
-    for source_row in rows:
-        scan.rows_read += 1
-        if source_row.error is not None:
-            scan.rows_invalid += 1
-            issue = Issue(source_row.error.reason, "", source_row.error.message)
-            scan.problems.append(issue.at(source_row.origin))
-            continue
-        check = check_row(source_row.value, count_tokens, max_tokens)
-        if check.issues:
-            scan.rows_invalid += 1
-            scan.rows_too_long += check.issues[0].reason is ProblemReason.TOO_LONG
-            scan.problems.extend(issue.at(source_row.origin) for issue in check.issues)
-            continue
-        scan.lines.append(encode({"messages": check.messages}))
-        scan.lengths.append(check.total_tokens)
-        scan.assistant_tokens += check.assistant_tokens
-    if scan.rows_read == 0:
-        raise DatasetError("the dataset source has no rows; check dataset.files or dataset.split")
-    return scan
+        reader = datasets.__version__  # a saved stream state is the library's own structure
+    else:
+        for path in map(Path, source.paths):
+            if not path.is_dir():
+                members = [path]
+            elif _is_saved_dataset(path):
+                members = sorted(p for p in path.rglob("*") if p.is_file())
+            else:
+                members = _members(path)
+            files += [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in members if p.exists()]
+    described = {
+        "source": source.model_dump(mode="json"),
+        "files": files,
+        "reader": reader,
+        "tokenizer": tokenizer,
+        "max_tokens": max_tokens,
+    }
+    return hashlib.sha256(json.dumps(described, sort_keys=True).encode("utf-8")).hexdigest()
 
 
 def split_indices(
@@ -432,7 +541,7 @@ def split_indices(
 
 def _write_jsonl(path: Path, lines: Sequence[str], order: Sequence[int]) -> OutputFile:
     data = "".join([lines[i] + "\n" for i in order]).encode("utf-8")
-    _write_atomically(path, data)
+    write_atomically(path, data)
     digest = hashlib.sha256(data).hexdigest()
     return OutputFile(path=str(path), sha256=digest, rows=len(order), bytes=len(data))
 
@@ -442,12 +551,5 @@ def _write_problems(path: Path, problems: list[Problem]) -> str | None:
         path.unlink(missing_ok=True)  # a stale list from an earlier run would contradict this report
         return None
     document = [problem.model_dump(mode="json", exclude_none=True) for problem in problems]
-    _write_atomically(path, json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
+    write_atomically(path, json.dumps(document, ensure_ascii=False, indent=1).encode("utf-8"))
     return str(path)
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    # Readers (and a retried activity checking for existing output) never see a half-written file.
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)

@@ -13,6 +13,7 @@ import requests
 
 from backends.local.backend import LocalBackend
 from backends.scoring import chat_sync
+from pipeline import dataset_scan
 from settings import AppSettings
 from tests.support.devhost import PROJECT_ROOT, DevhostProcess
 
@@ -31,6 +32,8 @@ def stack(tmp_path):
         "HOME": str(home),
         # The evaluate step hands back and goes on in its next call, as on Azure past this budget.
         "EVALUATION_CALL_BUDGET_S": "0.3",
+        # So does the dataset step, after each chunk of rows of a source bigger than one chunk.
+        "DATASET_CALL_BUDGET_S": "0.01",
     }
     host = DevhostProcess(PROJECT_ROOT, tmp_path / "devhost", env=env)
     host.start()
@@ -247,3 +250,24 @@ def test_bad_data_fails_the_run_with_the_line_before_any_compute_or_job(stack, t
     assert statuses["compute"] == statuses["submit_finetune"] == "pending"
     root = Path(stack.settings.state_dir)
     assert not (root / "jobs").exists() or not any((root / "jobs").iterdir())
+
+
+def test_bad_data_far_into_a_big_source_fails_the_run_with_its_line_after_the_step_went_on_in_parts(
+    stack, tmp_path
+):
+    good = json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    )
+    rows = 2 * dataset_scan.CHECKPOINT_ROWS + 1
+    big = tmp_path / "chats.jsonl"
+    big.write_text("\n".join([good] * rows + ['{"messages": [{"role": "robot", "content": "beep"}]}']))
+    run_id = start_run(stack, {"preset": "smoke", "dataset": {"hub_id": None, "files": [str(big)]}})
+
+    done = wait_summary(stack, run_id, finished)
+
+    assert done["status"] == "Failed" and done["error"]["step"] == "prepare_dataset"
+    assert (
+        f"line {rows + 1}" in done["error"]["message"] and f"of {rows + 1} rows" in done["error"]["message"]
+    )
+    step = next(s for s in done["steps"] if s["name"] == "prepare_dataset")
+    assert step["checks"] >= 2  # handed back after each chunk, and went on where it stopped
