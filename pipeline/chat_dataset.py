@@ -224,6 +224,11 @@ def _members(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".parquet"))
 
 
+def is_dataset_folder(directory: Path) -> bool:
+    """A folder ``load_rows`` reads: saved by datasets' ``save_to_disk``, or holding .jsonl/.parquet files."""
+    return _is_saved_dataset(directory) or bool(_members(directory))
+
+
 def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
     # Read the lines ourselves: datasets' json loader stops at the first bad line without saying which.
     row = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +50,12 @@ class DatasetSection(_Section):
     hub_id: str | None = "HuggingFaceH4/ultrachat_200k"
     config_name: str | None = None
     split: str = "train_sft[:1%]"
-    files: list[str] | None = Field(None, min_length=1, description="JSONL/Parquet files (instead of hub_id)")
+    files: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="JSONL/Parquet files, folders of them, or folders saved with datasets' save_to_disk "
+        "(instead of hub_id)",
+    )
     test_size: float = Field(0.2, gt=0, lt=1)
     seed: int = Field(42, ge=0, le=MAX_SEED)
     drop_invalid_rows: bool = False
@@ -308,10 +314,9 @@ def _semantic_problems(cfg: RunConfig, settings: AppSettings) -> list[ConfigProb
     if cfg.dataset.files is None and not cfg.dataset.hub_id:
         add("dataset", "give either dataset.hub_id (with split) or dataset.files")
     for i, name in enumerate(cfg.dataset.files or []):
-        if not _is_file(resolve_project_path(name)):
-            add(f"dataset.files[{i}]", f"no such file: {_shown(name)}")
-        elif not name.endswith((".jsonl", ".parquet")):
-            add(f"dataset.files[{i}]", "must be a .jsonl or .parquet file")
+        problem = _dataset_file_problem(name)
+        if problem:
+            add(f"dataset.files[{i}]", problem)
     if settings.backend == "local":
         problems += _local_model_problems(cfg.model.name, settings)
         if hp.lr_scheduler_type not in LOCAL_SCHEDULERS:
@@ -475,10 +480,41 @@ def row_token_limit(cfg: RunConfig) -> tuple[int, str]:
     return cfg.dataset.max_tokens, "dataset.max_tokens"
 
 
+def _dataset_file_problem(name: str) -> str | None:
+    from pipeline.chat_dataset import is_dataset_folder
+
+    path = resolve_project_path(name)
+    if _is_dir(path):
+        try:
+            if is_dataset_folder(path):
+                return None
+        except OSError as exc:
+            return f"cannot read the folder {_shown(name)}: {exc.strerror or exc}"
+        return (
+            f"the folder {_shown(name)} holds neither a dataset saved with datasets' save_to_disk nor any "
+            ".jsonl or .parquet file"
+        )
+    if not _is_file(path):
+        return f"no such file: {_shown(name)}"
+    if not name.endswith((".jsonl", ".parquet")):
+        return (
+            "must be a .jsonl or .parquet file, or a folder of them, or one saved with datasets' save_to_disk"
+        )
+    return None
+
+
+def _is_dir(path: Path) -> bool:
+    return _holds(path, Path.is_dir)
+
+
 def _is_file(path: Path) -> bool:
-    """Path.is_file, with a name the system refuses (too long, a NUL) counted as no file."""
+    return _holds(path, Path.is_file)
+
+
+def _holds(path: Path, check: Callable[[Path], bool]) -> bool:
+    """``check(path)``, with a name the system refuses (too long, a NUL) counted as nothing there."""
     try:
-        return path.is_file()
+        return check(path)
     except (OSError, ValueError):
         return False
 

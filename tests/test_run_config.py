@@ -6,7 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from pipeline.config import PRESETS, InvalidRunConfig, parse_run_config
-from settings import AppSettings
+from settings import PROJECT_ROOT, AppSettings
 
 
 @pytest.fixture
@@ -70,6 +70,7 @@ BAD_CONFIGS = [
     ({**SMOKE, "dataset": {"files": []}}, "dataset.files", "at least 1"),
     ({**SMOKE, "dataset": {"files": ["nope/missing.jsonl"]}}, "dataset.files[0]", "no such file"),
     ({**SMOKE, "dataset": {"files": ["pyproject.toml"]}}, "dataset.files[0]", ".jsonl or .parquet"),
+    ({**SMOKE, "dataset": {"files": ["bench"]}}, "dataset.files[0]", "the folder bench holds neither"),
     ({**SMOKE, "dataset": {"files": None, "hub_id": None}}, "dataset", "either dataset.hub_id"),
     ({**SMOKE, "dataset": {"max_tokens": 8}}, "dataset.max_tokens", "greater than or equal to 32"),
     (
@@ -289,3 +290,19 @@ def test_rows_are_limited_by_the_models_context_when_it_is_smaller(tmp_path, azu
     )
     local = parse_run_config({"model": {"name": str(checkpoint)}}, AppSettings(PHI3_BACKEND="local"))
     assert row_token_limit(local)[0] == 2048
+
+
+def test_dataset_files_may_name_folders_the_reader_takes(local, tmp_path):
+    # A folder of JSONL/Parquet shards, or one saved with datasets' save_to_disk (what the offline
+    # advice for a hub dataset suggests), is read as its files are.
+    import datasets
+
+    shards = tmp_path / "shards"
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text((PROJECT_ROOT / "sample_data" / "support_chats.jsonl").read_text())
+    saved = tmp_path / "saved"
+    datasets.Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}]).save_to_disk(str(saved))
+
+    cfg = parse_run_config({**SMOKE, "dataset": {"files": [str(shards), str(saved)]}}, local)
+
+    assert cfg.dataset.files == [str(shards), str(saved)]
