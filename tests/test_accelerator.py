@@ -614,3 +614,85 @@ def test_a_phi3_mini_shaped_model_from_config_loads_as_a_checkpoint_and_trains_w
     adapted = {name.split(".")[-4] for name, _ in model.named_parameters() if "lora_A" in name}
     assert adapted == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj"}
     assert final.step == final.total_steps and final.train_loss == final.train_loss  # finite
+
+
+def test_tokens_per_second_leave_out_the_first_step_which_holds_compiling():
+    # On a GPU the first step traces and autotunes the compiled layers (minutes); a short job's
+    # whole-run average would carry that into every step and into the cost estimates scaled from it.
+    from backends.local.step_loop import StepTokens, _Meter
+
+    ticks = iter([0.0, 30.0, 31.0, 32.0])  # start, then the end of each step: 30 s, 1 s, 1 s
+    meter = _Meter(total_steps=3, learning_rate=1e-4, clock=lambda: next(ticks))
+    rates = []
+    for _ in range(3):
+        meter.add(StepTokens(real=1000, padded=1200, targets=400), loss_sum=1.0)
+        meter.step(epoch=0.0, learning_rate=1e-4)
+        rates.append(meter.progress.tokens_per_second)
+
+    assert rates == [pytest.approx(1000 / 30), 1000.0, 1000.0]
+    assert (meter.progress.real_tokens, meter.progress.seconds) == (3000, 32.0)  # the totals stay whole
+
+
+def test_fused_kernels_patch_this_model_only_and_keep_rope_out_of_the_compiled_layers(tiny, monkeypatch):
+    # liger-kernel needs triton and a GPU, so a stand-in does what liger-kernel 0.8.5's
+    # apply_liger_kernel_to_phi3 does: it rebinds the modeling module's names for the whole process
+    # (and, with rope=True, its RoPE, whose dispatcher is torch.compiler.disable'd) and swaps this model's
+    # norms and MLPs. What we keep of that must stay with this model.
+    import types
+
+    from transformers.models.phi3 import modeling_phi3
+
+    from backends.local.accelerator import apply_fused_kernels
+
+    class FusedNorm(torch.nn.Module):
+        pass
+
+    calls = []
+
+    def apply_to_instance(model, **switches):
+        calls.append(switches)
+        modeling_phi3.Phi3RMSNorm = FusedNorm
+        modeling_phi3.liger_marker = True
+        if switches["rope"]:
+            modeling_phi3.apply_rotary_pos_emb = lambda *args, **kwargs: None
+        for layer in model.model.layers:
+            layer.input_layernorm.forward = types.MethodType(lambda self, x: x, layer.input_layernorm)
+
+    stand_in = types.ModuleType("liger_kernel.transformers")
+    stand_in._apply_liger_kernel_to_instance = apply_to_instance
+    monkeypatch.setitem(sys.modules, "liger_kernel", types.ModuleType("liger_kernel"))
+    monkeypatch.setitem(sys.modules, "liger_kernel.transformers", stand_in)
+    names_before = dict(vars(modeling_phi3))
+    model = lora(tiny[0])
+
+    apply_fused_kernels(model)
+
+    assert calls == [
+        {
+            "rope": False,
+            "rms_norm": True,
+            "swiglu": True,
+            "cross_entropy": False,
+            "fused_linear_cross_entropy": False,
+        }
+    ]
+    assert dict(vars(modeling_phi3)) == names_before  # a model built next is transformers' own
+    layer = model.base_model.model.model.layers[0]
+    assert layer.input_layernorm(torch.ones(2)).tolist() == [1.0, 1.0]  # this model keeps the patch
+
+
+def test_varlen_attention_takes_fp32_queries_and_keys_beside_half_values_in_the_values_dtype():
+    # Full fine-tuning under bf16 autocast: RoPE's fp32 cos/sin keep q and k fp32 while v is bf16; the
+    # attention must run in bf16 (on a GPU: the flash kernel, not the per-conversation fallback).
+    from backends.local.packed_attention import packed_varlen_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, generator=generator) for _ in range(3))
+    bounds = {"cu_seq_lens_q": torch.tensor([0, 4, 6], dtype=torch.int32), "max_length_q": 4}
+    half = torch.bfloat16
+
+    mixed, _ = packed_varlen_attention(torch.nn.Module(), q, k, v.to(half), None, **bounds)
+    same, _ = packed_varlen_attention(torch.nn.Module(), q.to(half), k.to(half), v.to(half), None, **bounds)
+
+    assert mixed.dtype == half
+    torch.testing.assert_close(mixed, same, rtol=0, atol=0)

@@ -11,8 +11,12 @@ planned micro-batch fits, and a micro-batch token budget from the free memory. E
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
+import sys
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -230,22 +234,42 @@ def compile_layers(model: Any) -> int:
 
 
 def apply_fused_kernels(model: Any) -> bool:
-    """Liger's Triton kernels for RMSNorm, RoPE and SwiGLU (optional package, CUDA only).
+    """Liger's Triton kernels for RMSNorm and SwiGLU (optional package, CUDA only), on this model only.
 
     The loss stays ours (logits only where there are targets), so its fused cross-entropy is not used.
+    Its RoPE is not either: liger-kernel 0.8.5 runs it through a ``torch.compiler.disable``d dispatcher,
+    which would split every compiled decoder layer in two. Liger also rebinds the modeling module's
+    names (``Phi3RMSNorm``, ``Phi3MLP``, ...) for the whole process besides patching this model's
+    modules; those names are put back, so a model built later (the bench's fused-kernels-off variant,
+    the scoring server's) is transformers' own.
     """
     from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
     base = causal_lm(model)
-    _apply_liger_kernel_to_instance(
-        model=base,
-        rope=True,
-        rms_norm=True,
-        swiglu=True,
-        cross_entropy=False,
-        fused_linear_cross_entropy=False,
-    )
+    with _module_names_kept(sys.modules[type(base).__module__]):
+        _apply_liger_kernel_to_instance(
+            model=base,
+            rope=False,
+            rms_norm=True,
+            swiglu=True,
+            cross_entropy=False,
+            fused_linear_cross_entropy=False,
+        )
     return True
+
+
+@contextlib.contextmanager
+def _module_names_kept(module: types.ModuleType) -> Iterator[None]:
+    """Whatever the block rebinds or adds in ``module``'s namespace is undone when it ends."""
+    before = dict(vars(module))
+    try:
+        yield
+    finally:
+        for name in [name for name in vars(module) if name not in before]:
+            delattr(module, name)
+        for name, value in before.items():
+            if vars(module).get(name) is not value:
+                setattr(module, name, value)
 
 
 def prepare_for_training(model: Any, execution: Execution) -> None:
