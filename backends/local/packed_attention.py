@@ -72,6 +72,10 @@ def packed_varlen_attention(
             "use attention 'sdpa' for this model"
         )
     batch, heads, width, head_dim = query.shape
+    if query.dtype != value.dtype and value.dtype in (torch.bfloat16, torch.float16):
+        # Under autocast with fp32 weights (full fine-tuning) RoPE's fp32 cos/sin leave q and k in fp32
+        # while v, a projection, is half: all three go to the kernel in v's dtype.
+        query, key = query.to(value.dtype), key.to(value.dtype)
     cu_seq_lens, max_length = kwargs.get("cu_seq_lens_q"), kwargs.get("max_length_q")
     if cu_seq_lens is None:
         cu_seq_lens, max_length = bounds_from_positions(kwargs.get("position_ids"), width)
