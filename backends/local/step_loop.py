@@ -235,13 +235,22 @@ class _StepRunner:
 
 
 class _Meter:
-    """Training clock, token counts and the loss over the current logging window."""
+    """Training clock, token counts and the loss over the current logging window.
 
-    def __init__(self, total_steps: int, learning_rate: float) -> None:
+    Tokens per second are counted from the end of the first step on once there is a second: the first
+    holds torch.compile's tracing and kernel autotuning (minutes on a GPU), which a short job's whole-run
+    average would spread over every step, understating the rate the cost estimates are scaled from.
+    """
+
+    def __init__(
+        self, total_steps: int, learning_rate: float, clock: Callable[[], float] = time.perf_counter
+    ) -> None:
         self.progress = Progress(0, total_steps, 0.0, None, 0.0, learning_rate, 0, 0, 0.0)
         self.window_loss, self.window_targets = 0.0, 0
         self.real_tokens, self.padded_tokens = 0, 0
-        self.started = time.perf_counter()
+        self.clock = clock
+        self.started = clock()
+        self.first_step_end: tuple[float, int] | None = None  # (time, real tokens) after step 1
 
     def add(self, tokens: StepTokens, loss_sum: float) -> None:
         self.window_loss += loss_sum
@@ -250,7 +259,13 @@ class _Meter:
         self.padded_tokens += tokens.padded
 
     def step(self, epoch: float, learning_rate: float) -> None:
-        seconds = time.perf_counter() - self.started
+        now = self.clock()
+        seconds = now - self.started
+        if self.first_step_end is None:  # the first step: from the start
+            since, tokens = self.started, self.real_tokens
+            self.first_step_end = (now, self.real_tokens)
+        else:
+            since, tokens = self.first_step_end[0], self.real_tokens - self.first_step_end[1]
         self.progress = replace(
             self.progress,
             step=self.progress.step + 1,
@@ -258,7 +273,7 @@ class _Meter:
             train_loss=self.window_loss / self.window_targets
             if self.window_targets
             else self.progress.train_loss,
-            tokens_per_second=self.real_tokens / seconds if seconds > 0 else 0.0,
+            tokens_per_second=tokens / (now - since) if now > since else 0.0,
             learning_rate=learning_rate,
             real_tokens=self.real_tokens,
             padded_tokens=self.padded_tokens,
