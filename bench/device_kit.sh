@@ -23,8 +23,13 @@
 #
 # Environment: PYTHON (default python3), DEVICE_KIT_CONSTRAINTS (default constraints.txt),
 # DEVICE_KIT_WHEELS (default .whl), DEVICE_KIT_SITE (default /tmp/site), DEVICE_KIT_SKIP (wheel name
-# prefixes not to install), DEVICE_KIT_TIMEOUT (seconds for the bench and its tests, default 510),
-# DEVICE_KIT_TEST_TIMEOUT (seconds per GPU test, default 240), OUT (where device_log.txt goes).
+# prefixes not to install), DEVICE_KIT_ALLOW_IMAGE=1 (run on the image's packages when no wheels were
+# carried; otherwise that is refused: the figures would describe another stack), DEVICE_KIT_TIMEOUT
+# (seconds for the bench, default 400), DEVICE_KIT_TESTS (the GPU tests' pytest -m expression, default
+# "gpu and not slow": the bench itself trains the Phi-3-mini-shaped model the slow test builds),
+# DEVICE_KIT_TEST_BUDGET (seconds for those tests, default 150; with the bench's, within one 600 s
+# device call), DEVICE_KIT_TEST_TIMEOUT (seconds per GPU test, default 240), OUT (where
+# device_log.txt goes).
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -138,7 +143,9 @@ install_wheels() {
   done
   shopt -u nullglob
   if ((${#wheels[@]} == 0)); then
-    echo "device_kit: no wheels in $WHEELS: using the image's packages as they are"
+    [[ "${DEVICE_KIT_ALLOW_IMAGE:-}" == 1 ]] ||
+      die "no wheels in $WHEELS: run \`bench/device_kit.sh download\` here and carry .whl to the device (carry: [\".whl\"]); DEVICE_KIT_ALLOW_IMAGE=1 runs on the image's packages instead"
+    echo "device_kit: no wheels in $WHEELS: using the image's packages as they are (DEVICE_KIT_ALLOW_IMAGE=1)"
     return 0
   fi
   # A fresh folder each run: on a warm machine a wheel skipped now must not linger from the last run.
@@ -173,20 +180,28 @@ EOF
 }
 
 run_inner() {
-  local started=$SECONDS rc=0
+  local started=$SECONDS rc=0 tests_rc=0
+  local marks="${DEVICE_KIT_TESTS:-gpu and not slow}"
   cd "$ROOT"
   echo "device_kit run: $(date -u +%FT%TZ) in $ROOT; bench arguments: ${*:-(none)}"
   install_wheels
   export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" # the bench imports backends.local...
   export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
-  # The bench runs `pytest -m gpu tests/test_gpu.py` afterwards: bound each test, time each one.
-  export PYTEST_ADDOPTS="${PYTEST_ADDOPTS:+$PYTEST_ADDOPTS }--timeout=${DEVICE_KIT_TEST_TIMEOUT:-240} --durations=0"
   report_versions
-  echo "+ $PYTHON -m bench.trainer_gpu $* (time limit ${DEVICE_KIT_TIMEOUT:-510} s)"
-  timeout --signal=INT --kill-after=20 "${DEVICE_KIT_TIMEOUT:-510}" "$PYTHON" -m bench.trainer_gpu "$@" || rc=$?
-  ((rc != 124)) || echo "device_kit: the bench ran past ${DEVICE_KIT_TIMEOUT:-510} s and was stopped"
-  echo "device_kit run: exit code $rc after $((SECONDS - started)) s"
-  return "$rc"
+  echo "+ $PYTHON -m bench.trainer_gpu --no-tests $* (time limit ${DEVICE_KIT_TIMEOUT:-400} s)"
+  timeout --signal=INT --kill-after=20 "${DEVICE_KIT_TIMEOUT:-400}" \
+    "$PYTHON" -m bench.trainer_gpu --no-tests "$@" || rc=$?
+  ((rc != 124)) || echo "device_kit: the bench ran past ${DEVICE_KIT_TIMEOUT:-400} s and was stopped"
+  # The GPU tests in a process of their own, after the bench's has ended and given the card's memory
+  # back (its allocator would otherwise keep what it planned to fill); each test bounded and timed.
+  echo "+ $PYTHON -m pytest -m '$marks' tests/test_gpu.py (time limit ${DEVICE_KIT_TEST_BUDGET:-150} s)"
+  timeout --signal=INT --kill-after=20 "${DEVICE_KIT_TEST_BUDGET:-150}" \
+    "$PYTHON" -m pytest -m "$marks" tests/test_gpu.py -q -p no:cacheprovider \
+    "--timeout=${DEVICE_KIT_TEST_TIMEOUT:-240}" --durations=0 || tests_rc=$?
+  ((tests_rc != 124)) || echo "device_kit: the GPU tests ran past ${DEVICE_KIT_TEST_BUDGET:-150} s and were stopped"
+  echo "device_kit run: bench exit code $rc, tests exit code $tests_rc, after $((SECONDS - started)) s"
+  ((rc != 0)) && return "$rc"
+  return "$tests_rc"
 }
 
 run() {

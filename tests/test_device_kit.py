@@ -127,19 +127,27 @@ def test_run_installs_the_wheels_then_runs_the_bench_with_its_arguments_and_keep
     log = (out / "device_log.txt").read_text(encoding="utf-8")
     assert log == done.stdout and "transformers 0.0-fake" in log and "exit code 3" in log
     assert f"bench saw PYTHONPATH={PROJECT_ROOT}:{tmp_path / 'site'}" in log
-    pip, _versions, bench = calls.read_text(encoding="utf-8").splitlines()
+    pip, _versions, bench, tests = calls.read_text(encoding="utf-8").splitlines()
     assert "-m pip install -q --no-index --no-deps" in pip and f"--target {tmp_path / 'site'}" in pip
     assert "peft-1.0-py3-none-any.whl" in pip and "liger_kernel" not in pip  # DEVICE_KIT_SKIP
-    assert bench == "fake python3 -m bench.trainer_gpu --cpu-smoke --variants"
+    assert bench == "fake python3 -m bench.trainer_gpu --no-tests --cpu-smoke --variants"
+    # The GPU tests run in a process of their own once the bench's has given the card's memory back.
+    assert tests.startswith("fake python3 -m pytest -m gpu and not slow tests/test_gpu.py -q")
+    assert "bench exit code 3, tests exit code 0" in log
 
 
-def test_run_without_wheels_uses_the_image_as_it_is(tmp_path, fake_python):
+def test_run_without_wheels_refuses_unless_told_to_use_the_image_as_it_is(tmp_path, fake_python):
+    # Forgetting to carry .whl would measure the image's transformers, without liger: other figures.
     calls = tmp_path / "calls.txt"
+    common = {"PYTHON": str(fake_python), "CALLS": str(calls), "DEVICE_KIT_WHEELS": str(tmp_path / "none")}
 
-    done = kit("run", PYTHON=str(fake_python), CALLS=str(calls), DEVICE_KIT_WHEELS=str(tmp_path / "none"))
+    refused = kit("run", **common)
 
+    assert refused.returncode == 1 and 'carry .whl to the device (carry: [".whl"])' in refused.stdout
+    assert not calls.exists()  # nothing ran
+    done = kit("run", DEVICE_KIT_ALLOW_IMAGE="1", **common)
     assert done.returncode == 3
-    assert "no wheels in" in done.stdout
+    assert "no wheels in" in done.stdout and "using the image's packages" in done.stdout
     assert not any(" -m pip " in line for line in calls.read_text(encoding="utf-8").splitlines())
 
 

@@ -160,10 +160,10 @@ def losses_of(model, batch) -> torch.Tensor:
 def flat_and_separate(model_dir: Path, conversations, *, boundaries: bool = True):
     """Per-conversation losses: flat packed with the varlen kernel, and one by one with sdpa."""
     flat = collate([conversations], 0, flat=True)
-    if not boundaries:
-        flat = type(flat)(
-            **{**flat.__dict__, "cu_seq_lens": torch.tensor([0, flat.input_ids.shape[1]], dtype=torch.int32)}
-        )
+    if not boundaries:  # one sequence of the whole row, and its length as the longest (the kernel's grid)
+        width = flat.input_ids.shape[1]
+        bounds = {"cu_seq_lens": torch.tensor([0, width], dtype=torch.int32), "max_length": width}
+        flat = type(flat)(**{**flat.__dict__, **bounds})
     packed_losses = losses_of(bf16_lora(model_dir, ATTENTION_NAME), flat)[0]
     reference_model = bf16_lora(model_dir, "sdpa")
     packed, separate, offset = [], [], 0
