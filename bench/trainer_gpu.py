@@ -414,7 +414,19 @@ def main() -> int:
         )
         rate = measured_matmul_tflops(device, 1024 if smoke else 8192)
         counted = load_params(model_dir)
-        results = [run_baseline(model_dir, data, device, steps, warmup)]
+        print(
+            f"{device_name(device)}: measured matmul {rate:.3g} TFLOP/s; "
+            f"{counted / 1e6:,.1f} M non-embedding parameters",
+            flush=True,
+        )
+
+        def measured(result: Result) -> Result:
+            """Its MFU, and a line at once: a run stopped by a time limit later keeps what it measured."""
+            result.mfu = result.tokens_per_second * 4 * counted / (rate * 1e12)
+            print(f"measured: {json.dumps(result.__dict__)}", flush=True)
+            return result
+
+        results = [measured(run_baseline(model_dir, data, device, steps, warmup))]
         chosen = variants(options.max_tokens_per_micro_batch, smoke, not smoke and fused_available())
         chosen = chosen[: None if options.variants else 1]
         for name, switches in chosen:
@@ -423,9 +435,7 @@ def main() -> int:
                 continue
             if smoke and switches.fused_kernels == "on":
                 continue
-            results.append(run_ours(model_dir, data[:count], device, switches, warmup, cap, name))
-    for result in results:
-        result.mfu = result.tokens_per_second * 4 * counted / (rate * 1e12)
+            results.append(measured(run_ours(model_dir, data[:count], device, switches, warmup, cap, name)))
     lengths = sorted(len(c) for c in data)
     header = (
         f"device: {device_name(device)}; measured {'bf16' if device.type == 'cuda' else 'fp32'} matmul "

@@ -78,6 +78,15 @@ def test_the_gpu_benchmark_runs_both_paths_on_a_tiny_model_on_the_cpu():
     assert [row["name"][:3] for row in rows] == ["(a)", "(b)"]
     assert all(row["tokens_per_second"] > 0 and 0 <= row["padding_fraction"] < 1 for row in rows)
     assert "attention packed_varlen" in rows[1]["detail"]
+    # Each path's figures are printed as soon as they are measured: a run stopped by its time limit later
+    # (on the lent GPU, before the table) still has them.
+    early = [
+        json.loads(line[len("measured: ") :])
+        for line in result.stdout.splitlines()
+        if line.startswith("measured: ")
+    ]
+    assert [row["name"] for row in early] == [row["name"] for row in rows]
+    assert "measured matmul" in result.stdout.split("measured: ")[0]
 
 
 def test_the_gpu_benchmark_says_how_many_graphs_compile_made_and_what_broke_them():
