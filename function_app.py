@@ -117,10 +117,31 @@ async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) 
     # Once the run is over its endpoint is what a person wants to call: its URI is read now, from the
     # backend (one read per request for a finished run; a running run shows the name only).
     if summary.status not in ACTIVE and summary.endpoint and summary.endpoint.get("name"):
-        summary.endpoint.update(await asyncio.to_thread(_endpoint_now, summary.endpoint["name"]))
+        summary.endpoint.update(await _from_backend("the endpoint", _endpoint_now, summary.endpoint["name"]))
     if req.params.get("metrics") == "true" and summary.job and summary.job.get("name"):
-        summary.job["metrics"] = await asyncio.to_thread(_job_metrics, summary.job["name"])
+        summary.job["metrics"] = await _from_backend("the job's metrics", _job_metrics, summary.job["name"])
     return _json(summary.model_dump(exclude_none=True))
+
+
+async def _from_backend(what: str, call, *args, then: str = "ask again") -> dict:
+    """``call(*args)`` in a worker thread for at most HTTP_BACKEND_WAIT_SECONDS: an HTTP answer has to come
+    within Azure's 230 s however long the backend takes (the call goes on; its answer is not waited for)."""
+    settings = get_settings()
+    wait = settings.http_backend_wait_seconds
+    try:
+        return await asyncio.wait_for(asyncio.to_thread(call, *args), wait)
+    except TimeoutError:
+        log.warning("%s: the %s backend gave no answer within %g s", what, settings.backend, wait)
+        return {
+            "error": f"the {settings.backend} backend did not answer for {what} within {wait:g} s "
+            f"(HTTP_BACKEND_WAIT_SECONDS); {then}"
+        }
+    except Exception as exc:  # transient failures an activity would retry (network, 503): said, not a 500
+        log.warning("%s: the %s backend failed", what, settings.backend, exc_info=True)
+        first_line = (str(exc).splitlines() or [""])[0][:300]
+        return {
+            "error": f"the {settings.backend} backend failed for {what}: {type(exc).__name__}: {first_line}"
+        }
 
 
 def _endpoint_now(name: str) -> dict:
@@ -186,7 +207,11 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
         if child and child.runtime_status and child.runtime_status.name in ACTIVE:
             await client.terminate(wait_instance_id(run_id, step), "run canceled")
     names = (status.custom_status or {}).get("names", {}) if isinstance(status.custom_status, dict) else {}
-    job = await asyncio.to_thread(_cancel_job, names.get("job"))
+    job_name = names.get("job")
+    job = None
+    if job_name:
+        then = f"the cancel goes on: GET /api/runs/{run_id} shows the job's status"
+        job = {"name": job_name, **await _from_backend("the job's cancel", _cancel_job, job_name, then=then)}
     log.info("run canceled run_id=%s job=%s", run_id, job)
     return _json({"run_id": run_id, "status": "Terminated", "job": job}, 202)
 
@@ -204,14 +229,12 @@ async def _until_ended(client: df.DurableOrchestrationClient, run_id: str) -> No
     log.warning("run %s still reads as active %.0f s after its termination", run_id, CANCEL_WAIT_S)
 
 
-def _cancel_job(job_name: str | None) -> dict | None:
+def _cancel_job(job_name: str) -> dict:
     """The job canceled (a submission still under way cancels its own job: activities.blueprint)."""
     from activities.steps import cancel_job_if_running
     from backends.factory import get_backend
     from backends.protocol import BackendError
 
-    if not job_name:
-        return None
     try:
         return {"name": job_name, "status": cancel_job_if_running(job_name, get_backend())}
     except BackendError as exc:

@@ -40,6 +40,10 @@ class AppSettings(BaseSettings):
     # (Bounds: a step makes several calls and waits within host.json's 10-minute functionTimeout, an
     # HTTP answer within Azure's 230 s.)
     azure_http_timeout_seconds: float = Field(60.0, gt=0, le=120, alias="AZURE_HTTP_TIMEOUT_SECONDS")
+    # How long an HTTP answer waits on one backend call (a finished run's endpoint, ?metrics=true's loss
+    # history, a cancel's job) before it answers without it: a stalled Azure call is tried for up to 4 ×
+    # AZURE_HTTP_TIMEOUT_SECONDS, and Azure's front end drops an answer after 230 s.
+    http_backend_wait_seconds: float = Field(60.0, gt=0, le=100, alias="HTTP_BACKEND_WAIT_SECONDS")
     # How long a setup step (workspace, registry, endpoint, traffic) waits for Azure to finish
     # provisioning before it hands back to the orchestrator to retry; keep it under the functionTimeout.
     azure_setup_wait_seconds: float = Field(20.0, gt=0, le=120, alias="AZURE_SETUP_WAIT_SECONDS")

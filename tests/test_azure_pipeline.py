@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,28 @@ def test_managed_compute_run_completes_and_makes_one_of_each_resource(
     for path in azure_host.state_dir.rglob("*"):
         if path.is_file():
             assert done["endpoint"]["scoring_uri"].encode() not in path.read_bytes(), path
+    # Azure's front end drops an HTTP answer after 230 s: with that read stalled, the summary comes after
+    # HTTP_BACKEND_WAIT_SECONDS (8 s here) without the URI, saying why.
+    gate = fake_azure.server.gates[("GET", "online-endpoint")] = threading.Event()
+    try:
+        stalled = azure_host.summary("az-managed")
+    finally:
+        gate.set()
+        del fake_azure.server.gates[("GET", "online-endpoint")]
+    assert stalled["status"] == "Completed" and "scoring_uri" not in stalled["endpoint"]
+    assert stalled["endpoint"]["error"] == (
+        "the azure backend did not answer for the endpoint within 8 s (HTTP_BACKEND_WAIT_SECONDS); ask again"
+    )
+    # A read that fails for good after azure-core's retries (an activity would be retried) is said too.
+    fake_azure.server.fault_plan = lambda req, route: (
+        "503" if (req.method, route) == ("GET", "online-endpoint") else None
+    )
+    try:
+        unavailable = azure_host.summary("az-managed")
+    finally:
+        fake_azure.server.fault_plan = None
+    assert unavailable["endpoint"]["error"].startswith("the azure backend failed for the endpoint: ")
+    assert "(ServiceUnavailable) The service is temporarily unavailable" in unavailable["endpoint"]["error"]
 
 
 def test_serverless_run_fine_tunes_and_deploys_in_east_us_2(fake_azure: FakeAzure, tmp_path: Path):

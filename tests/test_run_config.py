@@ -210,6 +210,7 @@ def test_a_short_enough_workspace_passes_in_both_modes(azure):
     [
         ("AZURE_SETUP_WAIT_SECONDS", 1800),  # a step waits several times within the 10-minute timeout
         ("AZURE_HTTP_TIMEOUT_SECONDS", 600),  # azure-core tries a call 4 times
+        ("HTTP_BACKEND_WAIT_SECONDS", 240),  # an HTTP answer must come within Azure's 230 s
         ("EVALUATION_CALL_BUDGET_S", 420),  # a last question may take 180 s: past the 10 minutes
         ("DATASET_CALL_BUDGET_S", 600),  # a call past it still ends its chunk and writes the split
         ("BOT_MODEL_TIMEOUT_S", 600),

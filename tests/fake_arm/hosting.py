@@ -26,6 +26,8 @@ def app_environment(fake: FakeAzure, state_dir: Path, location: str = "eastus") 
         "AZURE_LOCATION": location,
         "AZURE_ML_WORKSPACE": WORKSPACE,
         "AZURE_HTTP_TIMEOUT_SECONDS": "3",
+        # Less than azure-core's 4 tries of 3 s, so a stalled read shows the HTTP answer's own bound.
+        "HTTP_BACKEND_WAIT_SECONDS": "8",
         "AZURE_SETUP_WAIT_SECONDS": "30",
         "HF_HUB_OFFLINE": "1",
         # The cleanup timer's default (every :00 and :30) would fire in the middle of a run now and
