@@ -5,6 +5,8 @@ local.settings.json.example and the README.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -15,6 +17,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 PROJECT_ROOT = Path(__file__).resolve().parent
 
 
+def writable_home(name: str) -> Path:
+    """``<project>/.<name>``, or ``<temp>/phi3/<name>`` where the project folder is read-only: a Function
+    App runs from its deployment package (Flex Consumption always does), so its ``wwwroot`` takes no writes
+    (``os.access`` says so for a read-only mount); the temp folder is the instance's own."""
+    if os.access(PROJECT_ROOT, os.W_OK):
+        return PROJECT_ROOT / f".{name}"
+    return Path(tempfile.gettempdir()) / "phi3" / name
+
+
 class AppSettings(BaseSettings):
     model_config = SettingsConfigDict(
         extra="ignore", populate_by_name=True, case_sensitive=False, env_ignore_empty=True
@@ -22,8 +33,8 @@ class AppSettings(BaseSettings):
 
     # Backend ------------------------------------------------------------------------------------
     backend: Literal["local", "azure"] = Field("local", alias="PHI3_BACKEND")
-    state_dir: Path = Field(PROJECT_ROOT / ".phi3", alias="PHI3_STATE_DIR")
-    models_dir: Path = Field(PROJECT_ROOT / ".models", alias="PHI3_MODELS_DIR")
+    state_dir: Path = Field(default_factory=lambda: writable_home("phi3"), alias="PHI3_STATE_DIR")
+    models_dir: Path = Field(default_factory=lambda: writable_home("models"), alias="PHI3_MODELS_DIR")
     # Local backend: a local copy of Phi-3-mini-4k-instruct (catalog name -> checkpoint directory).
     phi3_checkpoint_dir: Path | None = Field(None, alias="PHI3_LOCAL_CHECKPOINT_DIR")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", alias="PHI3_DEVICE")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from pydantic import ValidationError
 
@@ -307,3 +309,27 @@ def test_dataset_files_may_name_folders_the_reader_takes(local, tmp_path):
     cfg = parse_run_config({**SMOKE, "dataset": {"files": [str(shards), str(saved)]}}, local)
 
     assert cfg.dataset.files == [str(shards), str(saved)]
+
+
+def test_a_read_only_project_folder_keeps_the_state_and_models_in_the_temp_folder(monkeypatch, tmp_path):
+    # A Function App runs from its deployment package (Flex Consumption always): wwwroot takes no writes,
+    # and os.access says so for a read-only mount; the instance's temp folder does.
+    import os
+    import tempfile
+
+    for name in ("PHI3_STATE_DIR", "PHI3_MODELS_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert AppSettings().state_dir == PROJECT_ROOT / ".phi3"  # a writable checkout keeps them beside it
+
+    real_access = os.access
+    monkeypatch.setattr(
+        os, "access", lambda path, mode: False if path == PROJECT_ROOT else real_access(path, mode)
+    )
+    settings = AppSettings()
+
+    assert (settings.state_dir, settings.models_dir) == (
+        tmp_path / "phi3" / "phi3",
+        tmp_path / "phi3" / "models",
+    )
+    assert AppSettings(PHI3_STATE_DIR="/data/phi3").state_dir == Path("/data/phi3")  # a setting still wins
