@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from activities.integrate import flow_runner
-from activities.steps import StepInput, run_dir
+from activities.steps import StepInput, prepared_here, run_dir
 from backends.protocol import MLBackend, ResourceRef
 from pipeline.config import BASE_DEPLOYMENT
 from pipeline.evaluation import EvalProgress, evaluate_base_vs_finetuned, load_eval_cases
@@ -34,7 +33,10 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
     cfg = inp.config.evaluation
     if not cfg.enabled:
         return StepResult(skipped="evaluation.enabled is false")
-    cases = load_eval_cases(Path(inp.state["dataset"]["test_file"]["path"]), cfg.sample_size)
+    files = prepared_here(inp, backend)
+    if isinstance(files, StepResult):
+        return files
+    cases = load_eval_cases(files[1], cfg.sample_size)
     if not cases:
         return StepResult(skipped="the test split has no conversations to evaluate")
     finetuned = flow_runner(backend, inp, deployment=inp.names["deployment"])

@@ -167,15 +167,24 @@ def _training_estimate(inp: StepInput, tokens: int):
     )
 
 
-def upload_data(inp: StepInput, backend: MLBackend) -> StepResult:
+def prepared_here(inp: StepInput, backend: MLBackend) -> tuple[Path, Path] | StepResult:
+    """The prepared train and test files on this host instance, or the step's pending result while a big
+    source is scanned again: another instance prepared them (a Function App's working files are the
+    instance's own), and preparation is deterministic, so it is redone here."""
     dataset = inp.state["dataset"]
     train, test = Path(dataset["train_file"]["path"]), Path(dataset["test_file"]["path"])
     if not (train.exists() and test.exists()):
-        # Another host instance prepared the data: preparation is deterministic, so redo it here.
         redone = _prepare(inp, backend)
         if isinstance(redone, ScanProgress):
             return StepResult(pending=f"preparing the dataset again on this host: {redone}")
-    assets = backend.upload_data(inp.run_id, train, test)
+    return train, test
+
+
+def upload_data(inp: StepInput, backend: MLBackend) -> StepResult:
+    files = prepared_here(inp, backend)
+    if isinstance(files, StepResult):
+        return files
+    assets = backend.upload_data(inp.run_id, *files)
     created = [
         ResourceRef(kind="data", name=a.name, version=a.version) for a in (assets.train, assets.validation)
     ]

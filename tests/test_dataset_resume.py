@@ -335,3 +335,22 @@ def test_upload_data_on_a_host_without_the_prepared_files_prepares_them_again_in
 
     assert handed_back[0] == f"preparing the dataset again on this host: scanned {CHUNK} rows of the source"
     assert result.outputs["data"]["train"]["sha256"] == prepared["dataset"]["train_file"]["sha256"]
+
+
+def test_evaluate_on_a_host_without_the_prepared_files_prepares_them_again_first(tmp_path, app_settings):
+    # A Function App's working files are the instance's own: the evaluate step may land on an instance
+    # that never saw the test split, and must not fail for it.
+    from activities.evaluate import evaluate
+
+    call = dataset_step(tmp_path, ROWS)
+    prepared = call(prepare_dataset_step, "r").outputs
+    test_file = Path(prepared["dataset"]["test_file"]["path"])
+    test_file.unlink()  # prepared by another host instance
+    app_settings(DATASET_CALL_BUDGET_S=1)
+
+    result = call(evaluate, "r", prepared)
+
+    assert result.pending == f"preparing the dataset again on this host: scanned {CHUNK} rows of the source"
+    while call(prepare_dataset_step, "r").pending:  # (the rest of the scan, as the next calls would)
+        pass
+    assert test_file.is_file()
