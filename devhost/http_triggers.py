@@ -36,7 +36,7 @@ class HttpTriggers:
         self.invoker = invoker
         self.response_limit_s = response_limit_s
         self.prefix = "/" + index.route_prefix if index.route_prefix else ""
-        self._running: set[asyncio.Task] = set()  # invocations a caller gave up on, or the limit cut off
+        self._running: set[asyncio.Task] = set()  # every invocation under way, awaited by a caller or not
 
     def match(self, path: str, method: str) -> tuple[FunctionSpec | None, dict[str, str], list[str]]:
         allowed: list[str] = []

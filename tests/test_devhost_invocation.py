@@ -119,6 +119,19 @@ def test_an_http_function_past_azures_response_limit_gets_502_and_runs_on(tmp_pa
         host.stop()
 
 
+def test_a_caller_that_hangs_up_does_not_cancel_an_async_function(host):
+    # As under the real worker, the invocation is not tied to the caller's connection.
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        requests.get(f"{host.url}/api/slow_async", params={"seconds": "1", "label": "hung-up"}, timeout=0.2)
+
+    finished = wait_for(
+        lambda: [r for r in records(host.run_log, "slow_async") if r["label"] == "hung-up"],
+        timeout=20,
+        what="the async function to finish after its caller left",
+    )
+    assert len(finished) == 1
+
+
 # --- routing ----------------------------------------------------------------------------------------
 def test_routes_that_differ_only_in_constraints_load_and_each_get_their_paths(host):
     assert requests.get(f"{host.url}/api/kinds/42", timeout=10).text == "number 42"

@@ -62,6 +62,14 @@ def hold(req: func.HttpRequest) -> str:
     return "released" if released else "timed out"
 
 
+@app.route(route="slow_async", methods=["GET"])
+async def slow_async(req: func.HttpRequest) -> str:
+    """Sleeps on the host's loop, then records that it finished (whoever is still waiting for it)."""
+    await asyncio.sleep(float(req.params.get("seconds", "1")))
+    _record("slow_async", label=req.params.get("label", ""))
+    return "done"
+
+
 @app.route(route="release", methods=["POST"])
 async def release(req: func.HttpRequest) -> str:
     if not _hold_entered.is_set():
