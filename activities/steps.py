@@ -153,6 +153,8 @@ def prepare_dataset_step(inp: StepInput, backend: MLBackend) -> StepResult:
         },
         "train_file": report.train_file.model_dump(mode="json"),
         "test_file": report.test_file.model_dump(mode="json"),
+        # Kept with the run: the smoke test may run on a host instance that lacks the prepared files.
+        "smoke_question": _first_user_message(report.test_file.path),
     }
     return StepResult(summary=summary, outputs={"dataset": dataset})
 
@@ -302,16 +304,34 @@ def traffic(inp: StepInput, backend: MLBackend) -> StepResult:
 
 
 # integrate -----------------------------------------------------------------------------------------
-def first_question(inp: StepInput) -> str:
-    if inp.config.evaluation.smoke_question:
-        return inp.config.evaluation.smoke_question
+SMOKE_QUESTION_CHARS = 2000
+GREETING = "Hello! What can you help me with?"
+
+
+def _first_user_message(test_file: Path | str) -> str | None:
+    """The first user turn of the test split's first conversation (shortened), or None if there is none."""
     import json
 
-    test_file = Path(inp.state["dataset"]["test_file"]["path"])
+    with open(test_file, encoding="utf-8") as lines:
+        first = next(lines, "").strip()
+    if not first:
+        return None
+    question = next((m["content"] for m in json.loads(first)["messages"] if m["role"] == "user"), None)
+    return question[:SMOKE_QUESTION_CHARS] if question else None
+
+
+def first_question(inp: StepInput) -> str:
+    """What the smoke tests ask: the configured question, else the test split's first user turn (recorded by
+    ``prepare_dataset``, so any host instance has it), else a greeting."""
+    if inp.config.evaluation.smoke_question:
+        return inp.config.evaluation.smoke_question
+    dataset = inp.state["dataset"]
+    if dataset.get("smoke_question"):
+        return dataset["smoke_question"]
+    test_file = Path(dataset["test_file"]["path"])  # a run prepared before the question was recorded
     if test_file.exists():
-        first = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])
-        return next(m["content"] for m in first["messages"] if m["role"] == "user")
-    return "Hello! What can you help me with?"
+        return _first_user_message(test_file) or GREETING
+    return GREETING
 
 
 def smoke_test(inp: StepInput, backend: MLBackend) -> StepResult:

@@ -354,3 +354,17 @@ def test_evaluate_on_a_host_without_the_prepared_files_prepares_them_again_first
     while call(prepare_dataset_step, "r").pending:  # (the rest of the scan, as the next calls would)
         pass
     assert test_file.is_file()
+
+
+def test_the_smoke_tests_ask_the_test_splits_first_question_on_a_host_without_the_prepared_files(tmp_path):
+    from activities.steps import first_question
+
+    call = dataset_step(tmp_path, ROWS)
+    prepared = call(prepare_dataset_step, "r").outputs
+    test_file = Path(prepared["dataset"]["test_file"]["path"])
+    asked_here = json.loads(test_file.read_text(encoding="utf-8").splitlines()[0])["messages"][0]["content"]
+    test_file.unlink()  # prepared by another host instance
+
+    question = call(lambda inp, backend: first_question(inp), "r", prepared)
+
+    assert question == asked_here and question.startswith("question ")
