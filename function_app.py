@@ -11,6 +11,7 @@ Runs unchanged under Azure Functions (``func start`` / a deployed app) and under
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import secrets
@@ -18,6 +19,7 @@ from datetime import UTC, datetime
 
 import azure.durable_functions as df
 import azure.functions as func
+from pydantic import ValidationError
 
 from activities.blueprint import bp as activities_bp
 from bot.function_blueprint import bp as bot_bp
@@ -29,7 +31,10 @@ from pipeline.chat_validation import json_refusal
 from pipeline.config import InvalidRunConfig, parse_run_config
 from pipeline.naming import RunNames
 from pipeline.summary import WAIT_STEPS, build_summary
-from settings import get_settings
+from settings import get_settings, writable_hf_home
+
+with contextlib.suppress(ValidationError):  # (a bad setting is reported by the request that reads it)
+    writable_hf_home(get_settings())  # before anything imports datasets or huggingface_hub
 
 app = df.DFApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(pipeline_bp)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import MutableMapping
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -125,3 +126,25 @@ class AppSettings(BaseSettings):
 @lru_cache(maxsize=1)
 def get_settings() -> AppSettings:
     return AppSettings()  # type: ignore[call-arg]
+
+
+def writable_hf_home(settings: AppSettings, environ: MutableMapping[str, str] = os.environ) -> Path | None:
+    """Point ``HF_HOME`` into the state folder where the Hugging Face default is not writable; the folder
+    chosen, or None where nothing changed.
+
+    ``datasets`` writes under ``HF_HOME`` (default ``~/.cache/huggingface``) even when it streams a hub
+    dataset (its modules and metadata caches), and a deployed app's home folder may take no writes. It reads
+    the variable once, on import, so this runs when the app loads, before anything imports it. A user's own
+    ``HF_HOME`` is kept."""
+    if environ.get("HF_HOME"):
+        return None
+    try:
+        cache = Path(environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface"
+    except RuntimeError:  # no home folder at all
+        cache = None
+    if cache is not None:
+        existing = next(folder for folder in (cache, *cache.parents) if folder.exists())
+        if os.access(existing, os.W_OK):
+            return None
+    environ["HF_HOME"] = str(settings.state_dir / "huggingface")
+    return settings.state_dir / "huggingface"

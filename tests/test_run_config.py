@@ -333,3 +333,47 @@ def test_a_read_only_project_folder_keeps_the_state_and_models_in_the_temp_folde
         tmp_path / "phi3" / "models",
     )
     assert AppSettings(PHI3_STATE_DIR="/data/phi3").state_dir == Path("/data/phi3")  # a setting still wins
+
+
+def test_hugging_face_caches_go_to_the_state_folder_where_the_home_folder_is_read_only(tmp_path):
+    # datasets writes its modules cache under HF_HOME even when streaming a hub dataset, and reads the
+    # variable once, on import: the app sets it when it loads, where the default cannot be written.
+    import os
+    import subprocess
+    import sys
+
+    home, state = tmp_path / "home", tmp_path / "state"
+    home.mkdir()
+    probe = f"""
+import os
+real_access = os.access
+os.access = lambda path, mode: False if str(path).startswith({str(home)!r}) else real_access(path, mode)
+import function_app
+import datasets.config
+print(datasets.config.HF_MODULES_CACHE)
+"""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "XDG_"))}
+
+    def modules_cache(**settings: str) -> Path:
+        done = subprocess.run(
+            [sys.executable, "-c", probe],
+            env={**environment, "HOME": str(home), "PHI3_STATE_DIR": str(state), **settings},
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+        return Path(done.stdout.strip().splitlines()[-1])
+
+    assert modules_cache() == state / "huggingface" / "modules"
+    assert modules_cache(HF_HOME=str(tmp_path / "mine")) == tmp_path / "mine" / "modules"
+
+
+def test_a_writable_hugging_face_home_is_left_as_it_is(tmp_path):
+    from settings import writable_hf_home
+
+    environ = {"XDG_CACHE_HOME": str(tmp_path / "cache")}
+    settings = AppSettings(PHI3_STATE_DIR=str(tmp_path / "state"))
+
+    assert writable_hf_home(settings, environ) is None and "HF_HOME" not in environ
