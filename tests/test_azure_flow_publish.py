@@ -9,6 +9,8 @@ CONNECT proxy) and the flow service registers the chat flow, reached at the proj
 from __future__ import annotations
 
 import json
+import threading
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -210,3 +212,33 @@ def test_a_flow_without_a_connection_input_is_refused(tmp_path: Path):
 
     with pytest.raises(BackendError, match="has no node with a connection input"):
         publish.stage_flow(source, "phi3-endpoint", tmp_path / "staged")
+
+
+def test_a_stalled_flow_list_times_out_and_is_asked_again(
+    azure_backend: AzureBackend, fake_azure: FakeAzure, deployed: dict
+):
+    # promptflow-azure lists the project's flows with a bare requests.post: without a timeout, a stalled
+    # index service held the step until functionTimeout killed the worker.
+    server = fake_azure.server
+    gate = server.gates[("POST", "flow-index")] = threading.Event()
+
+    def let_the_next_ones_through() -> None:
+        server.at_gate.wait(timeout=60)  # the first list call is held (until the test ends)
+        del server.gates[("POST", "flow-index")]
+
+    opener = threading.Thread(target=let_the_next_ones_through)
+    opener.start()
+    try:
+        result = azure_backend.publish_flow("phi3-endpoint", ENDPOINT, "phi3_chat-run1", RunConfig())
+        answered = [e for e in server.exchanges if e.route == "flow-index"]
+    finally:
+        gate.set()
+        opener.join()
+    deadline = time.monotonic() + 30
+    while len([e for e in server.exchanges if e.route == "flow-index"]) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # the held call, released, is recorded when its handler ends
+
+    assert result.details["published_flow"]["display_name"] == "phi3_chat-run1"
+    assert len(answered) == 1  # the retry's: the held call was still unanswered when the client gave up
+    assert len([e for e in server.exchanges if e.route == "flow-index"]) == 2
+    assert sum(len(f) for f in fake_azure.flows.values()) == 1

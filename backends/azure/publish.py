@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import yaml
 from tenacity import retry, retry_if_exception, stop_after_attempt, stop_after_delay, wait_exponential
@@ -170,6 +171,7 @@ def publish_chat_flow(
     from promptflow.azure import PFClient
 
     _forget_cached_flow_service_callers()
+    _bound_flow_list_calls(project.settings.azure_http_timeout_seconds)
     t = project.target
     action = f"publish the flow '{display_name}' to Azure AI Foundry project '{t.workspace}'"
     with _promptflow_errors(action), azure_errors(action):
@@ -206,6 +208,35 @@ def _bridge_azure_ai_ml_datastore_type() -> None:
     package.models = models  # type: ignore[attr-defined]
     sys.modules.setdefault(legacy, package)
     sys.modules.setdefault(f"{legacy}.models", models)
+
+
+class _RequestsWithTimeout(types.ModuleType):
+    """``requests`` whose ``post`` has a timeout unless the caller gave one."""
+
+    def __init__(self, timeout: float):
+        super().__init__("requests")
+        self.timeout = timeout
+
+    def post(self, url: str, **kwargs: Any) -> Any:
+        import requests
+
+        kwargs.setdefault("timeout", self.timeout)
+        return requests.post(url, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        import requests
+
+        return getattr(requests, name)
+
+
+def _bound_flow_list_calls(timeout: float) -> None:
+    """promptflow-azure 1.18.5 lists flows with a bare ``requests.post`` (no timeout, its module's one use
+    of ``requests``): a stalled index service held the step until ``functionTimeout`` killed the worker.
+    That module gets a ``requests`` whose post has the Azure calls' timeout (``AZURE_HTTP_TIMEOUT_SECONDS``);
+    a timed-out list is an ``OSError``, retried by ``_find_or_create_flow``."""
+    from promptflow.azure.operations import _flow_operations
+
+    _flow_operations.requests = _RequestsWithTimeout(timeout)  # type: ignore[attr-defined]
 
 
 def _status_of(exc: BaseException) -> int | None:
