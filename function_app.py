@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 from datetime import UTC, datetime
 
@@ -28,7 +29,7 @@ from orchestrators.finetune import bp as pipeline_bp
 from orchestrators.instances import PIPELINE, pipeline_runs
 from orchestrators.monitor import bp as monitor_bp
 from pipeline.chat_validation import json_refusal
-from pipeline.config import InvalidRunConfig, parse_run_config
+from pipeline.config import RUN_ID_PATTERN, InvalidRunConfig, parse_run_config
 from pipeline.naming import RunNames
 from pipeline.summary import WAIT_STEPS, build_summary
 from settings import get_settings, writable_hf_home
@@ -102,6 +103,21 @@ async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationC
     return client.create_check_status_response(req, run_id)
 
 
+async def _run_status(client: df.DurableOrchestrationClient, run_id: str):
+    """The run's Durable status, or None when ``run_id`` names no run.
+
+    Only an id a run can have is looked up: the SDK puts the id into the management URL as it is, so
+    a ``?``, ``#`` or ``..`` from the path would read another URL (another instance, the instance
+    list), and instances that are not runs (a wait step ``<run>:<step>``, a bot delivery) are no runs.
+    """
+    if re.fullmatch(RUN_ID_PATTERN, run_id) is None:
+        return None
+    status = await client.get_status(run_id)
+    if not status or (status.name or "").lower() != PIPELINE:
+        return None
+    return status
+
+
 async def _wait_statuses(client: df.DurableOrchestrationClient, run_id: str) -> dict[str, dict]:
     waits = {}
     for step in WAIT_STEPS:
@@ -115,8 +131,8 @@ async def _wait_statuses(client: df.DurableOrchestrationClient, run_id: str) -> 
 @app.durable_client_input(client_name="client")
 async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
     run_id = req.route_params["run_id"]
-    status = await client.get_status(run_id)
-    if not status or status.name is None or status.name.lower() != PIPELINE:
+    status = await _run_status(client, run_id)
+    if status is None:
         return _json({"error": f"no run with id '{run_id}'"}, 404)
     summary = build_summary(run_id, status.to_json(), await _wait_statuses(client, run_id))
     # Once the run is over its endpoint is what a person wants to call: its URI is read now, from the
@@ -198,8 +214,8 @@ async def list_runs(req: func.HttpRequest, client: df.DurableOrchestrationClient
 @app.durable_client_input(client_name="client")
 async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) -> func.HttpResponse:
     run_id = req.route_params["run_id"]
-    status = await client.get_status(run_id)
-    if not status or (status.name or "").lower() != PIPELINE:
+    status = await _run_status(client, run_id)
+    if status is None:
         return _json({"error": f"no run with id '{run_id}'"}, 404)
     if status.runtime_status.name not in ACTIVE:
         return _json({"error": f"run {run_id} is already {status.runtime_status.name}"}, 409)

@@ -172,6 +172,58 @@ def test_canceling_an_unknown_run_is_not_found(host):
     assert r.json() == {"error": "no run with id 'no-such-run'"}
 
 
+@pytest.fixture(scope="module")
+def failed_run(host, tmp_path_factory) -> str:
+    """A run that failed at prepare_dataset (nothing trains): an instance of the pipeline to aim at."""
+    bad = tmp_path_factory.mktemp("failed_run") / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    run_id = "api-failed-1"
+    body = {"preset": "smoke", "run_id": run_id, "dataset": {"hub_id": None, "files": [str(bad)]}}
+    assert post_finetune(host, json=body).status_code == 202
+    assert wait_status(host, run_id) == "Failed"
+    return run_id
+
+
+ODD_DELIVERY_KEY = "t/pending/odd/1"
+
+
+@pytest.fixture
+def finished_delivery(host):
+    """A bot delivery instance that has finished, purged again after the test (the purge test counts)."""
+    iid = host.start_orchestration(
+        "bot_proactive_answer",
+        {"pending_key": ODD_DELIVERY_KEY},
+        instance_id=delivery_instance_id(ODD_DELIVERY_KEY),
+    )
+    assert host.wait(iid)["runtimeStatus"] == "Completed"
+    yield iid
+    assert requests.delete(f"{host.durable}/instances/{iid}", timeout=30).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "run_id"),
+    [
+        ("api-failed-1%3Fx", "api-failed-1?x"),  # as it is in the SDK's URL, it would read api-failed-1
+        ("api-failed-1%23x", "api-failed-1#x"),
+        ("%3F", "?"),  # ... it would read the list of every instance
+        ("%2E", "."),
+        ("%2E%2E", ".."),
+        ("api-failed-1%3Aprepare_dataset", "api-failed-1:prepare_dataset"),  # a wait step's id
+        (delivery_instance_id(ODD_DELIVERY_KEY), delivery_instance_id(ODD_DELIVERY_KEY)),
+    ],
+    ids=["run?x", "run#x", "?", ".", "..", "run:step", "a bot delivery"],
+)
+def test_an_id_that_names_no_run_is_not_found_for_the_summary_and_the_cancel(
+    host, failed_run, finished_delivery, path, run_id
+):
+    summary = requests.get(f"{host.url}/api/runs/{path}", timeout=30)
+    cancel = requests.post(f"{host.url}/api/runs/{path}/cancel", timeout=30)
+
+    assert (summary.status_code, summary.json()) == (404, {"error": f"no run with id '{run_id}'"})
+    assert (cancel.status_code, cancel.json()) == (404, {"error": f"no run with id '{run_id}'"})
+    assert host.status(finished_delivery).json()["runtimeStatus"] == "Completed"
+
+
 def test_every_run_is_listed_however_many_pages_the_instances_take(host, tmp_path):
     """The Durable SDK's get_status_all reads the host's first page only (100 instances on Azure; 2 on
     this host): the runs API and the bot's /status must page through to find every run."""
