@@ -578,13 +578,18 @@ def parse_run_config(body: Any, settings: AppSettings) -> RunConfig:
 
 
 def _without(body: dict, locs: list[tuple]) -> dict:
-    out = copy.deepcopy(body)
+    """``body`` less the values at ``locs``; only the objects on those paths are copied (a deep copy
+    would recurse through whatever a bad field holds, past Python's limit for JSON nested ~300 deep)."""
+    out = dict(body)
     for loc in locs:
-        node = out
+        node: dict | None = out
         for part in loc[:-1]:
-            node = node.get(part) if isinstance(node, dict) else None
-            if node is None:
+            child = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(child, dict):
+                node = None
                 break
+            child = node[part] = dict(child)
+            node = child
         if isinstance(node, dict):
             node.pop(loc[-1], None)
     return out

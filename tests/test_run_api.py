@@ -116,6 +116,17 @@ def test_json_that_python_will_not_read_is_refused_saying_why(host, body, fragme
     assert message.startswith("not valid JSON here") and fragment in message
 
 
+def test_a_field_holding_json_nested_hundreds_deep_is_refused_by_its_name(host):
+    deep = b'{"a": ' * 900 + b"1" + b"}" * 900  # within what Python reads; past a recursive copy's limit
+    r = post_finetune(
+        host,
+        data=b'{"preset": "smoke", "dataset": ' + deep + b"}",
+        headers={"Content-Type": "application/json"},
+    )
+    assert r.status_code == 400, r.text
+    assert errors_by_field(r) == {"dataset.a": "unknown field"}
+
+
 def test_a_json_body_that_is_not_an_object_is_refused(host):
     r = post_finetune(host, json=["preset", "smoke"])
     assert r.status_code == 400, r.text
