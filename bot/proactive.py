@@ -25,6 +25,7 @@ from bot.answers import Answer, ChatService
 from bot.conversation import ConversationMemories, ConversationMemory, HistoryBound, RouteName, remember
 from bot.dedupe import channel_of
 from bot.messages import markdown_messages
+from pipeline.config import DELIVERY_INSTANCE_PREFIX
 
 log = logging.getLogger("bot.proactive")
 
@@ -58,9 +59,6 @@ class AnswerScheduler(Protocol):
 
 def pending_key(activity) -> str:
     return f"{channel_of(activity)}/pending/{activity.conversation.id}/{activity.id}"
-
-
-DELIVERY_INSTANCE_PREFIX = "bot-answer-"
 
 
 def delivery_instance_id(key: str) -> str:

@@ -24,6 +24,9 @@ PHI3_MINI = "Phi-3-mini-4k-instruct"
 LOCAL_BASE_MODELS = (TINY_PHI3, SMOLLM2)
 NAME_PATTERN = r"^[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$"  # Azure ML endpoint/deployment names
 RUN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+# The Durable instances of the bot's answer deliveries (bot.proactive) share the task hub with the runs:
+# a run named so would replace a finished delivery and be taken by the hourly purge of deliveries.
+DELIVERY_INSTANCE_PREFIX = "bot-answer-"
 
 
 class _Section(BaseModel):
@@ -202,6 +205,16 @@ class RunConfig(_Section):
     azure: AzureSection = AzureSection()
     polling: PollingSection = PollingSection()
     cleanup_on_failure: bool = False
+
+    @field_validator("run_id")
+    @classmethod
+    def _not_a_delivery_id(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(DELIVERY_INSTANCE_PREFIX):
+            raise ValueError(
+                f"ids starting with '{DELIVERY_INSTANCE_PREFIX}' belong to the bot's answer deliveries; "
+                "pick another run_id"
+            )
+        return value
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -171,6 +171,15 @@ def wait_status(host, run_id: str, timeout: float = 60) -> str:
     raise TimeoutError(f"run {run_id} is still {status} after {timeout}s")
 
 
+def test_a_run_id_of_the_bots_answer_deliveries_is_refused_and_the_delivery_is_left_alone(
+    host, finished_delivery
+):
+    r = post_finetune(host, json={"preset": "smoke", "run_id": finished_delivery})
+    assert r.status_code == 400, r.text
+    assert "belong to the bot's answer deliveries" in errors_by_field(r)["run_id"]
+    assert host.status(finished_delivery).json()["name"] == "bot_proactive_answer"
+
+
 def test_the_summary_of_an_unknown_run_is_not_found(host):
     r = requests.get(f"{host.url}/api/runs/no-such-run", timeout=30)
     assert r.status_code == 404
