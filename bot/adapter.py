@@ -47,6 +47,7 @@ from msrest.universal_http.requests import ClientRetryPolicy
 from pydantic import ValidationError
 
 from bot.activity_json import activity_from_json, model_to_json
+from pipeline.chat_validation import json_refusal
 from settings import AppSettings
 
 log = logging.getLogger("bot.adapter")
@@ -282,6 +283,8 @@ def read_activity(req: func.HttpRequest) -> Activity | func.HttpResponse:
         data = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _response(400, f"body is not valid JSON: {exc}")
+    except (RecursionError, ValueError) as exc:  # JSON Python will not read: too deep, a 4300+ digit number
+        return _response(400, f"body is {json_refusal(exc)}")
     if not isinstance(data, dict):
         return _response(400, f"body must be a JSON object (an activity), not {type(data).__name__}")
     try:
@@ -292,6 +295,7 @@ def read_activity(req: func.HttpRequest) -> Activity | func.HttpResponse:
         name
         for name, value in (
             ("type", activity.type),
+            ("channelId", activity.channel_id),
             ("serviceUrl", activity.service_url),
             ("conversation.id", activity.conversation and activity.conversation.id),
         )
@@ -299,7 +303,22 @@ def read_activity(req: func.HttpRequest) -> Activity | func.HttpResponse:
     ]
     if missing:
         return _response(400, f"activity is missing {', '.join(missing)}")
+    problem = _service_url_problem(activity.service_url)
+    if problem:
+        return _response(400, f"activity's serviceUrl {activity.service_url!r:.200} {problem}")
     return activity
+
+
+def _service_url_problem(url: Any) -> str | None:
+    """Why the Bot Connector client could not post replies to ``url``, or None (checked as requests
+    checks it when the reply is sent, after the turn: a 500 there)."""
+    if not isinstance(url, str) or not url.lower().startswith(("http://", "https://")):
+        return "is not an http(s) URL"
+    try:
+        requests.PreparedRequest().prepare_url(url, None)
+    except requests.RequestException as exc:
+        return f"is not a URL requests can call: {exc}"
+    return None
 
 
 class MessagesEndpoint:

@@ -216,7 +216,32 @@ async def test_expect_replies_returns_the_replies_in_the_response(anonymous):
     [
         (b"{not json", "application/json", 400, "not valid JSON"),
         (b"[1, 2]", "application/json", 400, "must be a JSON object"),
-        (b'{"type": "message", "conversation": {"id": "c"}}', "application/json", 400, "missing serviceUrl"),
+        (
+            b'{"type": "message", "channelId": "t", "conversation": {"id": "c"}}',
+            "application/json",
+            400,
+            "missing serviceUrl",
+        ),
+        (
+            b'{"type": "message", "serviceUrl": "http://x", "conversation": {"id": "c"}}',
+            "application/json",
+            400,
+            "missing channelId",
+        ),
+        (
+            b'{"type": "message", "channelId": "t", "serviceUrl": "not a url", "conversation": {"id": "c"}}',
+            "application/json",
+            400,
+            "serviceUrl 'not a url' is not an http(s) URL",
+        ),
+        (
+            b'{"type": "message", "channelId": "t", "serviceUrl": "http://a b", "conversation": {"id": "c"}}',
+            "application/json",
+            400,
+            "serviceUrl 'http://a b' is not a URL requests can call",
+        ),
+        (b"[" * 100_000 + b"]" * 100_000, "application/json", 400, "not valid JSON here: nested too deeply"),
+        (b'{"type": "message", "x": ' + b"1" * 5000 + b"}", "application/json", 400, "4300 digits"),
         (
             b'{"type": "message", "serviceUrl": "http://x", "conversation": "c"}',
             "application/json",
