@@ -50,7 +50,11 @@ class HttpTriggers:
         return None, {}, allowed
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        path = request.path[len(self.prefix) :] if self.prefix else request.path
+        # The undecoded path: route templates decode each segment once, as the Functions host does
+        # (request.path is decoded already: a second decoding turned %2541 into A, %252F into a slash).
+        path = request.rel_url.raw_path
+        if self.prefix and path[: len(self.prefix)].lower() == self.prefix.lower():
+            path = path[len(self.prefix) :]
         spec, params, allowed = self.match(path, request.method)
         if spec is None:
             if allowed:

@@ -393,6 +393,16 @@ def test_http_trigger_routes_params_methods_and_errors(host):
     assert boom.status_code == 500 and "kaboom" in boom.json()["error"]
 
 
+@pytest.mark.parametrize(
+    ("path", "param"),
+    [("a%20b", "a b"), ("100%2541", "100%41"), ("x%252Fy", "x%2Fy"), ("caf%C3%A9", "café")],
+)
+def test_a_route_parameter_is_percent_decoded_once_as_the_functions_host_does(host, path, param):
+    r = requests.get(f"{host.url}/api/files/{path}", timeout=10)
+    assert r.status_code == 201, r.text
+    assert r.json()["path"] == param
+
+
 def test_timer_trigger_fires_on_its_ncrontab_cadence(host):
     deadline = time.monotonic() + 30
     while len(host.records("tick")) < 3 and time.monotonic() < deadline:
