@@ -91,9 +91,11 @@ class HttpTriggers:
             )
         try:
             response = self._to_response(spec, invocation.result())
-        except Exception as exc:
+        except Exception:
+            # Azure answers a failed invocation with a bare 500: what the function raised goes to the
+            # host's log only, never to the caller (its message may hold anything, a key included).
             log.exception("http function %s failed", spec.name)
-            response = _json_error(500, f"function '{spec.name}' failed: {type(exc).__name__}: {exc}")
+            response = web.Response(status=500)
         self._log_done(spec, request, response.status, started)
         return response
 
