@@ -19,6 +19,7 @@ only versions this app registered are candidates, never catalog models.
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import UTC, datetime, timedelta
 from time import monotonic
@@ -275,5 +276,9 @@ def cleanup_endpoints(timer: func.TimerRequest) -> None:
 def cleanup_endpoints_now(req: func.HttpRequest) -> func.HttpResponse:
     """Run the cleanup by hand; ``?dry_run=true`` only reports. Answers with the summary."""
     flag = req.params.get("dry_run")
+    if flag is not None and flag.lower() not in ("true", "false"):
+        # Anything but "false" read as false would delete what a caller meant only to see (dry_run=1).
+        error = f"dry_run must be true or false, not {flag[:100]!r}; leave it out for CLEANUP_DRY_RUN"
+        return func.HttpResponse(json.dumps({"error": error}), status_code=400, mimetype="application/json")
     summary = cleanup_now(None if flag is None else flag.lower() == "true", budget_s=HTTP_BUDGET_S)
     return func.HttpResponse(summary.model_dump_json(), mimetype="application/json")

@@ -199,6 +199,22 @@ def test_the_timer_runs_on_the_configured_schedule_and_the_manual_trigger_return
     assert "cleanup deleted endpoint=phi3ft-old" in host.log_text()
 
 
+def test_a_dry_run_flag_that_is_neither_true_nor_false_is_refused_and_deletes_nothing(
+    fake_azure: FakeAzure, tmp_path: Path
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    expired_endpoint(fake_azure, ws, deployments={"blue": 100})
+    host = AzureHost(fake_azure, tmp_path)
+    host.start()
+    try:
+        r = requests.post(f"{host.url}/api/cleanup", params={"dry_run": "1"}, timeout=120)
+    finally:
+        host.stop()
+    assert r.status_code == 400, r.text
+    assert r.json() == {"error": "dry_run must be true or false, not '1'; leave it out for CLEANUP_DRY_RUN"}
+    assert len(fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/onlineEndpoints")) == 1
+
+
 def test_azure_cleanup_deletes_the_fine_tuned_model_nothing_serves_any_more(
     fake_azure: FakeAzure, azure_backend
 ):
