@@ -241,6 +241,15 @@ def endpoint_serving(backend: MLBackend, scoring_uri: str | None) -> str | None:
     return next((ep.name for ep in backend.list_endpoints() if ep.scoring_uri == scoring_uri), None)
 
 
+def served_before(target: str | None, recorded: str | None, scoring_uri: str | None) -> str | None:
+    """What a connection served before a run points it at ``scoring_uri``: its ``target`` now, unless it
+    already points there. Then an earlier try of this very step re-pointed it (the answer was lost: the
+    instance died or the call failed after the write), and what it served before is the URI that try
+    ``recorded`` in the connection itself; read as "nothing", the run's cleanup would delete a connection
+    an earlier run's flow still uses."""
+    return recorded if target is not None and target == scoring_uri else target
+
+
 def connection_ref(
     backend: MLBackend, name: str, before: str | None, endpoint: str, project: str | None = None
 ) -> ResourceRef:

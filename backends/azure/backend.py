@@ -32,6 +32,7 @@ from backends.protocol import (
     ResourceRef,
     SetupResult,
     connection_ref,
+    served_before,
 )
 from pipeline.config import RunConfig, azure_target, azure_target_problems, resolve_project_path
 from pipeline.naming import RunNames
@@ -344,9 +345,11 @@ class AzureBackend:
         into = self._in_project(clients, project)
         ep = deploy.get_endpoint(clients, endpoint)
         key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
-        before = connections.connection_target(into, name)
-        outcome = connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key)
-        return outcome, connection_ref(self, name, before, endpoint, project)
+        before = served_before(*connections.connection_targets(into, name), ep.scoring_uri)
+        # The record is made before the write: nothing that can fail may come between the two.
+        ref = connection_ref(self, name, before, endpoint, project)
+        outcome = connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key, before)
+        return outcome, ref
 
     def _in_project(self, clients: AzureClients, project: str | None) -> AzureClients:
         if project is None or project == clients.target.workspace:
