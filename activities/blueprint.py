@@ -39,8 +39,8 @@ def _run(name: str, fn: Callable[[steps.StepInput, MLBackend], StepResult], payl
         result = fn(inp, get_backend())
     except StillProvisioning as exc:  # the orchestrator calls the step again after a durable timer
         result = StepResult(pending=str(exc), created=exc.created)
-    except _permanent_errors() as exc:
-        result = StepResult(ok=False, error=str(exc))
+    except _permanent_errors() as exc:  # what the call made before it failed is recorded all the same
+        result = StepResult(ok=False, error=str(exc), created=getattr(exc, "created", []))
     outcome = (
         "failed"
         if not result.ok

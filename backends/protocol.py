@@ -37,7 +37,15 @@ PROVISIONING_TERMINAL = frozenset({"Succeeded", "Failed", "Canceled"})
 
 
 class BackendError(Exception):
-    """A failure a person must act on (bad config, quota, a resource in a bad state): not retried."""
+    """A failure a person must act on (bad config, quota, a resource in a bad state): not retried.
+
+    ``created``: what the call created before it failed (see ``hands_back_with``); the failed step's
+    result carries it, so the run's record (and its cleanup) knows those resources exist.
+    """
+
+    def __init__(self, *args: object, created: list[ResourceRef] | None = None) -> None:
+        super().__init__(*args)
+        self.created: list[ResourceRef] = list(created or [])
 
 
 class NotFoundError(BackendError):
@@ -60,11 +68,12 @@ class StillProvisioning(Exception):
 
 @contextmanager
 def hands_back_with(created: list[ResourceRef]) -> Iterator[None]:
-    """Whatever `created` holds when the block hands back (StillProvisioning) goes with the hand-back."""
+    """Whatever `created` holds when the block hands back (StillProvisioning) or fails for good
+    (BackendError) goes with the hand-back or the failure."""
     try:
         yield
-    except StillProvisioning as pending:
-        pending.created.extend(ref for ref in created if ref not in pending.created)
+    except (StillProvisioning, BackendError) as stopped:
+        stopped.created.extend(ref for ref in created if ref not in stopped.created)
         raise
 
 
@@ -239,6 +248,15 @@ def endpoint_serving(backend: MLBackend, scoring_uri: str | None) -> str | None:
     if not scoring_uri:
         return None
     return next((ep.name for ep in backend.list_endpoints() if ep.scoring_uri == scoring_uri), None)
+
+
+def served_before(target: str | None, recorded: str | None, scoring_uri: str | None) -> str | None:
+    """What a connection served before a run points it at ``scoring_uri``: its ``target`` now, unless it
+    already points there. Then an earlier try of this very step re-pointed it (the answer was lost: the
+    instance died or the call failed after the write), and what it served before is the URI that try
+    ``recorded`` in the connection itself; read as "nothing", the run's cleanup would delete a connection
+    an earlier run's flow still uses."""
+    return recorded if target is not None and target == scoring_uri else target
 
 
 def connection_ref(

@@ -20,6 +20,9 @@ from pydantic import BaseModel
 from flows.environment import configure_promptflow, key_file, secure_key_file
 
 _lock = threading.Lock()
+# The endpoint the connection served before the run that pointed it at ``endpoint``: kept in the
+# connection itself, so a retry of that run's step still knows it (``backends.protocol.served_before``).
+PREVIOUS = "previous_endpoint"
 
 
 class LocalConnection(BaseModel):
@@ -31,23 +34,27 @@ class LocalConnection(BaseModel):
     action: Literal["created", "updated", "unchanged"]
 
 
-def upsert_connection(name: str, scoring_uri: str, key: str, *, state_dir: Path) -> LocalConnection:
-    """Create the named custom connection, or update it when the endpoint or key changed (idempotent)."""
+def upsert_connection(
+    name: str, scoring_uri: str, key: str, *, state_dir: Path, previous: str | None = None
+) -> LocalConnection:
+    """Create the named custom connection, or update it when the endpoint or key changed (idempotent);
+    ``previous``: the endpoint URI it served before (kept in its configs)."""
     if not key:
         raise ValueError(f"connection '{name}': the endpoint key is empty; fetch the endpoint's primary key")
     if not scoring_uri.startswith(("http://", "https://")):
         raise ValueError(f"connection '{name}': endpoint {scoring_uri!r} is not an http(s) scoring URI")
+    configs = {"endpoint": scoring_uri} | ({PREVIOUS: previous} if previous else {})
     home = configure_promptflow(state_dir)
     with _lock:
         client = _client(state_dir)
         current = _current(client, name)
-        if current == (scoring_uri, key):
+        if current == (configs, key):
             action: Literal["created", "updated", "unchanged"] = "unchanged"
         else:
             from promptflow.connections import CustomConnection
 
             action = "created" if current is None else "updated"
-            connection = CustomConnection(name=name, configs={"endpoint": scoring_uri}, secrets={"key": key})
+            connection = CustomConnection(name=name, configs=configs, secrets={"key": key})
             client.connections.create_or_update(connection)  # returns the entity with the plain key: drop it
         secure_key_file(home)
     return LocalConnection(name=name, endpoint=scoring_uri, store=str(home), action=action)
@@ -70,6 +77,11 @@ def delete_connection(name: str, *, state_dir: Path) -> bool:
 
 def connection_endpoint(name: str, *, state_dir: Path) -> str | None:
     """The stored connection's endpoint (without decrypting its key), or None if there is none."""
+    return connection_endpoints(name, state_dir=state_dir)[0]
+
+
+def connection_endpoints(name: str, *, state_dir: Path) -> tuple[str | None, str | None]:
+    """The stored connection's endpoint and the one it served before that; (None, None): no connection."""
     configure_promptflow(state_dir)
     from promptflow._sdk._errors import ConnectionNotFoundError
 
@@ -77,15 +89,16 @@ def connection_endpoint(name: str, *, state_dir: Path) -> str | None:
         try:
             stored = _client(state_dir).connections.get(name, with_secrets=False)
         except ConnectionNotFoundError:
-            return None
-    return (stored.configs or {}).get("endpoint")
+            return None, None
+    configs = stored.configs or {}
+    return configs.get("endpoint"), configs.get(PREVIOUS)
 
 
-def _current(client: Any, name: str) -> tuple[str, str] | None:
-    """(endpoint, key) of the stored connection; None when there is none.
+def _current(client: Any, name: str) -> tuple[dict, str] | None:
+    """(configs, key) of the stored connection; None when there is none.
 
     A stored secret that cannot be decrypted (its key file was lost or replaced) is unrecoverable; it
-    reads as ("", "") so the caller overwrites it with the key it has, under the current key file.
+    reads as ({}, "") so the caller overwrites it with the key it has, under the current key file.
     """
     from promptflow._sdk._errors import ConnectionNotFoundError, DecryptConnectionError
 
@@ -94,12 +107,12 @@ def _current(client: Any, name: str) -> tuple[str, str] | None:
     except ConnectionNotFoundError:
         return None
     except DecryptConnectionError:
-        return ("", "")
+        return ({}, "")
     except Exception as error:
         if "Encryption key not found" not in str(error):  # promptflow raises a bare Exception for this
             raise
-        return ("", "")
-    return (stored.configs or {}).get("endpoint", ""), (stored.secrets or {}).get("key", "")
+        return ({}, "")
+    return dict(stored.configs or {}), (stored.secrets or {}).get("key", "")
 
 
 def _client(state_dir: Path) -> Any:

@@ -9,6 +9,7 @@ CONNECT proxy) and the flow service registers the chat flow, reached at the proj
 from __future__ import annotations
 
 import json
+import shutil
 import threading
 import time
 from datetime import UTC, datetime
@@ -17,10 +18,15 @@ from pathlib import Path
 import pytest
 import yaml
 
+from activities.blueprint import _run
+from activities.publish import publish_flow
+from activities.steps import StepInput, cleanup_run
 from backends.azure import publish
 from backends.azure.backend import AzureBackend
-from backends.protocol import BackendError
+from backends.factory import set_backend
+from backends.protocol import BackendError, ResourceRef
 from pipeline.config import RunConfig
+from pipeline.steps import StepResult
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.flows import working_share
@@ -146,6 +152,30 @@ def test_publishing_again_reuses_the_flow_hub_and_project(
         ("connection", "phi3-endpoint"),
         ("flow", first.details["published_flow"]["flow_id"]),
     ]
+
+
+def test_an_upload_the_flow_service_refuses_still_records_the_connection_made_in_the_project(
+    azure_backend: AzureBackend, fake_azure: FakeAzure, deployed: dict, tmp_path: Path
+):
+    flow = shutil.copytree(FLOW, tmp_path / "not_a_chat_flow")
+    dag = flow / "flow.dag.yaml"
+    dag.write_text(dag.read_text().replace("is_chat_input: true", "").replace("is_chat_output: true", ""))
+    cfg = RunConfig.model_validate({"promptflow": {"flow": str(flow)}})
+    step = StepInput(run_id="run1", config=cfg, names={"connection": "phi3-endpoint", "endpoint": ENDPOINT})
+    set_backend(azure_backend)
+    try:
+        result = StepResult.model_validate(_run("publish_flow", publish_flow, step.model_dump(mode="json")))
+    finally:
+        set_backend(None)
+
+    assert not result.ok and "is_chat_input" in (result.error or "")
+    project = f"{WORKSPACE}-project"
+    assert ResourceRef(kind="connection", name="phi3-endpoint", parent=project) in result.created
+    # So the failed run's cleanup takes back the connection it made there for its endpoint.
+    refs = [ref.model_dump() for ref in result.created]
+    cleanup = cleanup_run({"created": refs, "names": {"endpoint": ENDPOINT}}, azure_backend)
+    assert f"deleted connection phi3-endpoint in project {project}" in cleanup["actions"]
+    assert azure_backend.promptflow_connection_target("phi3-endpoint", project) is None
 
 
 def test_publish_off_skips_with_the_reason_and_calls_nothing(

@@ -126,6 +126,21 @@ def test_a_failed_run_points_the_connection_back_to_the_endpoint_it_served_befor
     ]
 
 
+def test_a_retried_connection_step_still_knows_the_endpoint_the_connection_served_before(local):
+    first, second = local.make_endpoint("phi3ft-conn-first"), local.make_endpoint("phi3ft-conn-second")
+    local.ensure_promptflow_connection(CONNECTION, first)
+    step = StepInput(run_id="r2", config=RunConfig(), names={"connection": CONNECTION, "endpoint": second})
+    promptflow_connection(step, local)  # the second run's step re-pointed it; its answer was lost
+    (taken,) = promptflow_connection(step, local).created  # the retry finds it pointing at `second`
+
+    assert taken.previous == first
+    assert (
+        fail_and_clean(local, second, [taken])[0]
+        == f"pointed connection {CONNECTION} back to endpoint {first}"
+    )
+    assert served_by(local, CONNECTION) == first
+
+
 def test_a_connection_the_failed_run_made_is_deleted_and_one_a_later_run_took_over_is_left(local):
     first, second = local.make_endpoint("phi3ft-conn-first"), local.make_endpoint("phi3ft-conn-second")
     (made,) = local.ensure_promptflow_connection(CONNECTION, first).created
@@ -207,6 +222,38 @@ def test_on_azure_the_workspace_and_project_connections_go_back_to_the_earlier_e
     for where in (ws, f"{ws.rsplit('/', 1)[0]}/{project}"):
         rid = f"{where}/connections/{CONNECTION}".lower()
         assert fake_azure.connection_secrets[rid] == {"key": first_key}
+    assert (
+        served_by(azure_backend, CONNECTION)
+        == served_by(azure_backend, CONNECTION, project)
+        == "phi3ft-first"
+    )
+
+
+def test_on_azure_a_retried_connection_step_still_points_both_connections_back(
+    azure_backend, fake_azure: FakeAzure
+):
+    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    project = f"{WORKSPACE}-project"
+    seed.workspace(fake_azure, RESOURCE_GROUP, project)
+    for name in ("phi3ft-first", "phi3ft-second"):
+        seed.online_endpoint(
+            fake_azure, ws, name, tags={}, created_at=datetime.now(UTC), deployments={"blue": 100}
+        )
+    for where in (None, project):
+        azure_backend.ensure_promptflow_connection(CONNECTION, "phi3ft-first", project=where)
+    refs = []
+    for where in (None, project):
+        # The second run's try re-pointed the connection and died before it could answer; the retry:
+        azure_backend.ensure_promptflow_connection(CONNECTION, "phi3ft-second", project=where)
+        refs += azure_backend.ensure_promptflow_connection(CONNECTION, "phi3ft-second", project=where).created
+    assert [(r.parent, r.previous) for r in refs] == [(None, "phi3ft-first"), (project, "phi3ft-first")]
+
+    actions = fail_and_clean(azure_backend, "phi3ft-second", refs)
+
+    assert actions[:2] == [
+        f"pointed connection {CONNECTION} back to endpoint phi3ft-first",
+        f"pointed connection {CONNECTION} in project {project} back to endpoint phi3ft-first",
+    ]
     assert (
         served_by(azure_backend, CONNECTION)
         == served_by(azure_backend, CONNECTION, project)

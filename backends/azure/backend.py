@@ -32,6 +32,8 @@ from backends.protocol import (
     ResourceRef,
     SetupResult,
     connection_ref,
+    hands_back_with,
+    served_before,
 )
 from pipeline.config import RunConfig, azure_target, azure_target_problems, resolve_project_path
 from pipeline.naming import RunNames
@@ -344,9 +346,11 @@ class AzureBackend:
         into = self._in_project(clients, project)
         ep = deploy.get_endpoint(clients, endpoint)
         key = deploy.get_keys(clients, endpoint).primary.get_secret_value()
-        before = connections.connection_target(into, name)
-        outcome = connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key)
-        return outcome, connection_ref(self, name, before, endpoint, project)
+        before = served_before(*connections.connection_targets(into, name), ep.scoring_uri)
+        # The record is made before the write: nothing that can fail may come between the two.
+        ref = connection_ref(self, name, before, endpoint, project)
+        outcome = connections.upsert_custom_connection(into, name, ep.scoring_uri or "", key, before)
+        return outcome, ref
 
     def _in_project(self, clients: AzureClients, project: str | None) -> AzureClients:
         if project is None or project == clients.target.workspace:
@@ -376,17 +380,20 @@ class AzureBackend:
             return SetupResult(summary="", skipped="promptflow.publish is false: the flow was not uploaded")
         clients = self._clients(cfg)
         place = publish.foundry_place(clients.target.workspace, cfg)
-        project, created = publish.ensure_project(clients, place, self._location(cfg), self.wait_s)
-        in_project = self._in_project(clients, project.name)
-        if project.name != clients.target.workspace:  # else the promptflow_connection step made it there
-            created.append(self._upsert_connection(clients, connection, endpoint, project.name)[1])
         staged = publish.stage_flow(
             resolve_project_path(cfg.promptflow.flow),
             connection,
             self.settings.state_dir / "promptflow-publish" / display_name,
         )
-        tags = {**setup.MANAGED_BY_TAG, "connection": connection}
-        flow = publish.publish_chat_flow(in_project, staged, display_name, tags, self.settings.state_dir)
+        project, created = publish.ensure_project(clients, place, self._location(cfg), self.wait_s)
+        in_project = self._in_project(clients, project.name)
+        # A failed upload must not lose the record of the connection re-pointed at this run's endpoint:
+        # the run's cleanup points it back (or deletes it) only if the record says it was.
+        with hands_back_with(created):
+            if project.name != clients.target.workspace:  # else the promptflow_connection step made it
+                created.append(self._upsert_connection(clients, connection, endpoint, project.name)[1])
+            tags = {**setup.MANAGED_BY_TAG, "connection": connection}
+            flow = publish.publish_chat_flow(in_project, staged, display_name, tags, self.settings.state_dir)
         # The display name names the run (activities.publish), so a flow found by it is the one an
         # earlier try of this step uploaded, even if that try died before it could say so.
         created.append(ResourceRef(kind="flow", name=flow.flow_id, parent=project.name))

@@ -17,6 +17,10 @@ from .clients import AzureClients
 from .errors import azure_errors
 
 CONNECTIONS_API = "2024-10-01"
+# The endpoint URI the connection served before the run that pointed it at its target: kept in the
+# connection itself, so a retry of that run's step (its first try's answer lost after the PUT landed)
+# still knows what to point it back to (``backends.protocol.served_before``).
+PREVIOUS = "previousEndpoint"
 
 
 def _url(clients: AzureClients, name: str) -> str:
@@ -27,15 +31,19 @@ def _url(clients: AzureClients, name: str) -> str:
     )
 
 
-def upsert_custom_connection(clients: AzureClients, name: str, endpoint_uri: str, key: str) -> str:
-    """Create or update; 'created' or 'updated'. The key goes only into the request body to Azure."""
+def upsert_custom_connection(
+    clients: AzureClients, name: str, endpoint_uri: str, key: str, previous: str | None = None
+) -> str:
+    """Create or update; 'created' or 'updated'. The key goes only into the request body to Azure;
+    ``previous``: the endpoint URI it served before (kept in its metadata)."""
+    metadata = {"endpoint": endpoint_uri} | ({PREVIOUS: previous} if previous else {})
     body = {
         "properties": {
             "category": "CustomKeys",
             "authType": "CustomKeys",
             "target": endpoint_uri,
             "credentials": {"keys": {"key": key}},
-            "metadata": {"endpoint": endpoint_uri},
+            "metadata": metadata,
             "isSharedToAll": False,
         }
     }
@@ -48,14 +56,21 @@ def upsert_custom_connection(clients: AzureClients, name: str, endpoint_uri: str
 
 def connection_target(clients: AzureClients, name: str) -> str | None:
     """The endpoint URI connection ``name`` points at (a plain GET: Azure returns no secrets); None: none."""
+    return connection_targets(clients, name)[0]
+
+
+def connection_targets(clients: AzureClients, name: str) -> tuple[str | None, str | None]:
+    """The endpoint URI connection ``name`` points at, and the one it served before that; (None, None):
+    no such connection."""
     with azure_errors(f"read Prompt flow connection '{name}'"):
         response = clients.resources.send_request(HttpRequest("GET", _url(clients, name)))
         if response.status_code == 404:
-            return None
+            return None, None
         if response.status_code >= 400:
             raise HttpResponseError(response=response, error_format=ARMErrorFormat)
     properties = response.json().get("properties") or {}
-    return (properties.get("metadata") or {}).get("endpoint") or properties.get("target")
+    metadata = properties.get("metadata") or {}
+    return metadata.get("endpoint") or properties.get("target"), metadata.get(PREVIOUS)
 
 
 def delete_connection(clients: AzureClients, name: str) -> None:

@@ -30,6 +30,7 @@ from backends.protocol import (
     RegisteredModel,
     SetupResult,
     connection_ref,
+    served_before,
 )
 from pipeline.config import LOCAL_SCHEDULERS, PHI3_MINI, SMOLLM2, TINY_PHI3, RunConfig
 from settings import AppSettings
@@ -391,16 +392,17 @@ class LocalBackend:
         """A CustomConnection in promptflow's local store (key encrypted; key file under the state dir).
 
         There are no projects locally: ``project`` only ever comes from an Azure run's record."""
-        from flows.connections import upsert_connection
+        from flows.connections import connection_endpoints, upsert_connection
 
         ep = self.get_endpoint(endpoint)
         key = self.get_endpoint_keys(endpoint).primary.get_secret_value()
-        before = self.promptflow_connection_target(name)
-        conn = upsert_connection(name, ep.scoring_uri or "", key, state_dir=self.root)
+        before = served_before(*connection_endpoints(name, state_dir=self.root), ep.scoring_uri)
+        ref = connection_ref(self, name, before, endpoint)  # before the write: nothing may fail after it
+        conn = upsert_connection(name, ep.scoring_uri or "", key, state_dir=self.root, previous=before)
         return SetupResult(
             summary=f"connection {conn.name} {conn.action} -> endpoint {endpoint}",
             details={"connection": {"name": conn.name, "endpoint": endpoint, "store": "local"}},
-            created=[connection_ref(self, conn.name, before, endpoint)],
+            created=[ref],
         )
 
     def promptflow_connection_target(self, name: str, project: str | None = None) -> str | None:
