@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+
+import pytest
 
 from backends.azure import deploy
 from backends.azure.backend import AzureBackend
-from backends.protocol import RegisteredModel
+from backends.protocol import BackendError, RegisteredModel, ResourceRef
 from pipeline.config import RunConfig
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.hosting import RESOURCE_GROUP, WORKSPACE
+from tests.fake_arm.server import ArmError, not_found
 
 pytest_plugins = ["tests.fake_arm.fixtures"]
 
@@ -167,3 +170,31 @@ def test_cleanup_hands_back_a_deletion_under_way_and_finishes_it_when_called_aga
     assert results[-1] == {"actions": ["deleted endpoint phi3ft-gone"], "pending": [], "failed": []}
     assert calls(fake_azure, "online-endpoint").count("DELETE 202") >= 1
     assert fake_azure.store.find(f"{ws}/onlineEndpoints/phi3ft-gone") is None
+
+
+def test_a_cluster_created_before_azure_refuses_to_show_it_is_recorded_with_the_failure(
+    azure_backend: AzureBackend, fake_azure: FakeAzure
+):
+    # The run's record must name the cluster it made, or nothing tells its cleanup it is there.
+    seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
+    server = fake_azure.server
+    created = []
+
+    def refuse_after_the_create(request, match):
+        if created:
+            raise ArmError(403, "AuthorizationFailed", "The client may not read the compute.")
+        raise not_found("compute", match["name"])
+
+    server.add("compute", "GET", r".*/computes/(?P<name>[^/]+)", refuse_after_the_create)
+    server.routes.insert(0, server.routes.pop())
+    put = next(r for r in server.routes if r.name == "compute" and r.method == "PUT")
+    original = put.handler
+    server.routes[server.routes.index(put)] = replace(
+        put, handler=lambda request, match: (created.append(match["name"]), original(request, match))[1]
+    )
+
+    with pytest.raises(BackendError, match="AuthorizationFailed") as failure:
+        azure_backend.ensure_compute(RunConfig())
+
+    assert created == ["gpu-a100"]
+    assert failure.value.created == [ResourceRef(kind="compute", name="gpu-a100")]

@@ -65,7 +65,8 @@ def ensure_cluster(clients: AzureClients, cfg: RunConfig, budget_s: float) -> Co
     """Get-or-create the cluster; one that is (or ends up) Failed is deleted and created once more."""
     spec = cfg.compute
     created: list[ResourceRef] = []
-    with azure_errors(f"create compute cluster '{spec.name}'"), hands_back_with(created):
+    # hands_back_with outside azure_errors: an Azure error it turns into a BackendError carries the cluster.
+    with hands_back_with(created), azure_errors(f"create compute cluster '{spec.name}'"):
         for attempt in (1, 2):
             try:
                 existing = clients.ml.compute.get(spec.name)
