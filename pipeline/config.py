@@ -56,6 +56,7 @@ class DatasetSection(_Section):
     files: list[str] | None = Field(
         None,
         min_length=1,
+        max_length=1000,  # more shards than this: name their folder
         description="JSONL/Parquet files, folders of them, or folders saved with datasets' save_to_disk "
         "(instead of hub_id)",
     )
@@ -266,8 +267,16 @@ class ConfigProblem(BaseModel):
     message: str
 
 
+MAX_PROBLEMS = 50  # a body with thousands of bad values gets a readable answer, not megabytes of them
+
+
 class InvalidRunConfig(ValueError):
     def __init__(self, problems: list[ConfigProblem]):
+        if len(problems) > MAX_PROBLEMS:
+            more = ConfigProblem(
+                field="(body)", message=f"{len(problems) - MAX_PROBLEMS} more problems not shown"
+            )
+            problems = [*problems[:MAX_PROBLEMS], more]
         self.problems = problems
         super().__init__("; ".join(f"{p.field}: {p.message}" for p in problems))
 
@@ -285,7 +294,11 @@ def _merge(base: dict, override: dict) -> dict:
 def _path(loc: tuple) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        out += (
+            f"[{part}]"
+            if isinstance(part, int)
+            else (f".{_shown(str(part), 100)}" if out else _shown(str(part), 100))
+        )
     return out or "(body)"
 
 
@@ -462,7 +475,7 @@ def _local_model_problems(name: str, settings: AppSettings) -> list[ConfigProble
         ConfigProblem(
             field="model.name",
             message=(
-                f"'{name}' is not a local base model; use {TINY_PHI3}, {SMOLLM2}, {PHI3_MINI} (with "
+                f"'{_shown(name)}' is not a local base model; use {TINY_PHI3}, {SMOLLM2}, {PHI3_MINI} (with "
                 "PHI3_LOCAL_CHECKPOINT_DIR) or an absolute checkpoint directory"
             ),
         )
@@ -613,5 +626,5 @@ def _message(err: dict) -> str:
         return "unknown field"
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] not in ("missing",) and "input" in err and not isinstance(err["input"], dict | list):
-        msg += f" (got {err['input']!r})"
+        msg += f" (got {_shown(repr(err['input']))})"
     return msg

@@ -377,3 +377,28 @@ def test_a_writable_hugging_face_home_is_left_as_it_is(tmp_path):
     settings = AppSettings(PHI3_STATE_DIR=str(tmp_path / "state"))
 
     assert writable_hf_home(settings, environ) is None and "HF_HOME" not in environ
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"run_id": "x" * 100_000}, "run_id"),
+        ({"x" * 100_000: 1}, "x" * 100 + "… (100000 characters)"),
+        ({"model": {"name": "/" + "y" * 100_000}}, "model.name"),
+        ({"dataset": {"files": ["z.jsonl"] * 100_000}}, "dataset.files"),
+    ],
+)
+def test_a_huge_value_is_refused_in_a_few_hundred_characters_that_still_name_the_field(local, body, field):
+    with pytest.raises(InvalidRunConfig) as refused:
+        parse_run_config(body, local)
+
+    assert refused.value.problems[0].field == field and len(str(refused.value)) < 1000
+
+
+def test_hundreds_of_problems_are_answered_with_the_first_fifty_and_how_many_more(local):
+    with pytest.raises(InvalidRunConfig) as refused:
+        parse_run_config({**SMOKE, **{f"unknown_{i}": 1 for i in range(200)}}, local)
+
+    problems = refused.value.problems
+    assert [p.field for p in problems[:50]] == [f"unknown_{i}" for i in range(50)]
+    assert problems[50].message == "150 more problems not shown" and len(problems) == 51
