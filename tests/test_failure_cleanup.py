@@ -188,9 +188,8 @@ def stored_key(backend: LocalBackend, name: str) -> str:
     return PFClient().connections.get(name, with_secrets=True).secrets["key"]
 
 
-def test_on_azure_the_workspace_and_project_connections_go_back_to_the_earlier_endpoint(
-    azure_backend, fake_azure: FakeAzure
-):
+def two_runs_endpoints(fake_azure: FakeAzure) -> tuple[str, str]:
+    """The workspace (its id) with two runs' endpoints, and a Foundry project's name beside it."""
     ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
     project = f"{WORKSPACE}-project"
     seed.workspace(fake_azure, RESOURCE_GROUP, project)
@@ -198,6 +197,13 @@ def test_on_azure_the_workspace_and_project_connections_go_back_to_the_earlier_e
         seed.online_endpoint(
             fake_azure, ws, name, tags={}, created_at=datetime.now(UTC), deployments={"blue": 100}
         )
+    return ws, project
+
+
+def test_on_azure_the_workspace_and_project_connections_go_back_to_the_earlier_endpoint(
+    azure_backend, fake_azure: FakeAzure
+):
+    ws, project = two_runs_endpoints(fake_azure)
     for where in (None, project):  # the earlier run: its step, then publish_flow's copy in the project
         assert azure_backend.ensure_promptflow_connection(
             CONNECTION, "phi3ft-first", project=where
@@ -232,13 +238,7 @@ def test_on_azure_the_workspace_and_project_connections_go_back_to_the_earlier_e
 def test_on_azure_a_retried_connection_step_still_points_both_connections_back(
     azure_backend, fake_azure: FakeAzure
 ):
-    ws = seed.workspace(fake_azure, RESOURCE_GROUP, WORKSPACE)
-    project = f"{WORKSPACE}-project"
-    seed.workspace(fake_azure, RESOURCE_GROUP, project)
-    for name in ("phi3ft-first", "phi3ft-second"):
-        seed.online_endpoint(
-            fake_azure, ws, name, tags={}, created_at=datetime.now(UTC), deployments={"blue": 100}
-        )
+    _, project = two_runs_endpoints(fake_azure)
     for where in (None, project):
         azure_backend.ensure_promptflow_connection(CONNECTION, "phi3ft-first", project=where)
     refs = []
