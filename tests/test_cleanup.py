@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
+import socket
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -21,6 +23,8 @@ from settings import AppSettings
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.hosting import RESOURCE_GROUP, WORKSPACE, AzureHost
+from tests.support.polling import wait_for
+from tests.test_scoring_server import log_test_models
 
 NOW = datetime.now(UTC).replace(microsecond=0)
 
@@ -109,6 +113,51 @@ def test_local_dry_run_reports_what_it_would_delete_and_deletes_nothing(local: L
 
     assert [(d.endpoint, d.action) for d in summary.decisions] == [("ep-expired", "would-delete")]
     assert summary.deleted == [] and local_endpoints(local) == {"ep-expired"}
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
+
+
+@pytest.fixture
+def local_with_model(tmp_path: Path):
+    """A local backend whose own MLflow registry holds the test model ``echo``, and its URI."""
+    store = log_test_models(tmp_path / "phi3", ("echo",))
+    backend = LocalBackend(AppSettings(PHI3_STATE_DIR=str(tmp_path / "phi3")))
+    yield backend, store.uris["echo"]
+    backend.endpoints.stop_all()
+
+
+def test_an_endpoint_whose_server_cannot_start_again_is_still_deleted(local_with_model):
+    # After a reboot another program holds its port, so ensure_running left it Failed; deleting it must
+    # not need its server back (Azure deletes a failed endpoint too).
+    local, model_uri = local_with_model
+    name = "ep-port-taken"
+    before = local.endpoints.create_or_update_endpoint(name, tags=tags(expires=NOW - timedelta(minutes=1)))
+    local.endpoints.create_or_update_deployment(name, "blue", model_uri=model_uri)
+    wait_for(
+        lambda: local.get_deployment(name, "blue").provisioning_state == "Succeeded",
+        timeout=60,
+        what="deployment blue to load",
+    )
+    local.set_traffic(name, {"blue": 100})
+    os.kill(before.pid, signal.SIGKILL)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        # The port frees once the killed server's last thread (its model loader) is gone.
+        wait_for(lambda: _bound(squatter, before.port), timeout=60, what=f"port {before.port} to free")
+        squatter.listen()
+        assert local.get_endpoint(name).provisioning_state == "Failed"
+
+        summary = run_cleanup(local, dry_run=False, idle_minutes=120)
+
+    assert [(d.endpoint, d.action, d.error) for d in summary.decisions] == [(name, "delete", None)]
+    assert summary.decisions[0].deployments == ["blue"]
+    assert local_endpoints(local) == set() and not (local.root / "endpoints" / name).exists()
 
 
 def test_azure_cleanup_moves_traffic_off_and_deletes_deployments_before_the_endpoint(

@@ -197,7 +197,7 @@ class LocalEndpoints(ServerProcesses):
                 )
             del config.deployments[deployment]
             config.traffic.pop(deployment, None)
-            self._apply(config)
+            self._apply(config, start=False)
 
     def set_traffic(self, endpoint: str, traffic: dict[str, int]) -> EndpointInfo:
         """Replace the traffic split: integer percentages summing to 100, or all 0."""
@@ -226,7 +226,8 @@ class LocalEndpoints(ServerProcesses):
                     f"traffic percentages must sum to 100 (or all be 0), got {total}"
                 )
             config.traffic = {name: traffic.get(name, 0) for name in config.deployments}
-            self._apply(config)
+            # Only all-zero traffic passes the checks above while the server is down.
+            self._apply(config, start=False)
             return self._endpoint_info(config)
 
     # -- keys --------------------------------------------------------------------------------
@@ -319,12 +320,16 @@ class LocalEndpoints(ServerProcesses):
             if port not in taken:
                 return port
 
-    def _apply(self, config: EndpointConfig) -> None:
-        """Write the config and wait until the server runs it (restarting a dead server)."""
+    def _apply(self, config: EndpointConfig, *, start: bool = True) -> None:
+        """Write the config and wait until the server runs it. A server that is not running is started,
+        unless ``start`` is False: a change that only takes traffic or deployments away need not bring
+        it back (it reads the config when it next starts), so a dead endpoint, even one whose port
+        another program took, can still be emptied and deleted."""
         self._write_config(config)
         record = self._running_record(config.name)
         if record is None:
-            self._ensure_server(config.name)
+            if start:
+                self._ensure_server(config.name)
             return
         os.kill(record.pid, signal.SIGHUP)
         deadline = time.monotonic() + self.start_timeout_s
