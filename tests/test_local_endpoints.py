@@ -19,6 +19,7 @@ from backends.local.endpoint_state import DamagedKeysError, read_keys
 from backends.local.endpoints import (
     DeploymentInfo,
     EndpointInfo,
+    EndpointServerError,
     InvalidEndpointRequest,
     LocalEndpoints,
     ServerRecord,
@@ -333,6 +334,32 @@ def test_an_endpoint_whose_port_was_taken_is_left_failed_and_the_others_restart(
         assert endpoint_name not in endpoints.ensure_running()  # no exception: the backend still starts
 
         assert endpoints.get_endpoint(endpoint_name).provisioning_state == "Failed"
+
+
+def test_a_server_that_cannot_start_says_why_before_anything_else(endpoints, endpoint_name, store):
+    before = deployed(endpoints, store, endpoint_name)  # a used endpoint: its log has many lines
+    os.kill(before.pid, signal.SIGKILL)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        wait_for(lambda: _bound(squatter, before.port), timeout=60, what=f"port {before.port} to free")
+        squatter.listen()
+
+        with pytest.raises(EndpointServerError) as raised:
+            endpoints.create_or_update_endpoint(endpoint_name, tags={"managed-by": "tests"})
+
+    # Callers show a message's first line, or its first few hundred characters.
+    first_line = str(raised.value).splitlines()[0][:300]
+    assert f"cannot listen on 127.0.0.1:{before.port}" in first_line, first_line
+    assert "GET /health" not in str(raised.value)  # the previous server's lines are not this start's
+    assert str(endpoints.root / endpoint_name / "logs" / "server.log") in str(raised.value)
+
+
+def _bound(sock: socket.socket, port: int) -> bool:
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        return False
+    return True
 
 
 def test_ensure_running_leaves_a_live_server_alone(endpoints, live):

@@ -30,7 +30,9 @@ class ServerProcesses:
             "PYTHONUNBUFFERED": "1",
             "PYTHONPATH": os.pathsep.join(filter(None, [str(_PROJECT_ROOT), os.environ.get("PYTHONPATH")])),
         }
-        with open(directory / "logs" / "server.log", "ab") as server_log:
+        log_path = directory / "logs" / "server.log"
+        with open(log_path, "ab") as server_log:
+            started_at_byte = server_log.tell()  # the log is appended to across restarts
             child = subprocess.Popen(
                 [self.python, "-m", "backends.local.scoring_server", str(directory)],
                 cwd=_PROJECT_ROOT,
@@ -50,12 +52,11 @@ class ServerProcesses:
             if child.poll() is not None:
                 raise EndpointServerError(
                     f"endpoint {name!r}: the server exited with code {child.returncode}: "
-                    f"{_log_tail(directory / 'logs' / 'server.log')}"
+                    f"{_last_line(log_path, started_at_byte)} (its output is in {log_path})"
                 )
             time.sleep(0.05)
         raise EndpointServerError(
-            f"endpoint {name!r}: the server did not start within {self.start_timeout_s:g} s; "
-            f"see {directory / 'logs' / 'server.log'}"
+            f"endpoint {name!r}: the server did not start within {self.start_timeout_s:g} s; see {log_path}"
         )
 
     def _running_record(self, name: str) -> ServerRecord | None:
@@ -116,8 +117,15 @@ def _signal_server(pid: int, signum: int) -> None:
         return  # it exited on its own meanwhile
 
 
-def _log_tail(path: Path, lines: int = 15) -> str:
+def _last_line(path: Path, offset: int) -> str:
+    """The last line a server wrote from ``offset`` on: why it exited (its SystemExit message or its
+    traceback's exception). It leads the error, which callers shorten to a line or a few hundred
+    characters."""
     try:
-        return " | ".join(path.read_text(errors="replace").splitlines()[-lines:])
+        with open(path, "rb") as log_file:
+            log_file.seek(offset)
+            lines = log_file.read().decode(errors="replace").splitlines()
     except FileNotFoundError:
         return "(no server log)"
+    said = [line.strip() for line in lines if line.strip()]
+    return said[-1] if said else "(it wrote nothing)"
