@@ -17,8 +17,8 @@ from pydantic import ValidationError
 import pipeline.cleanup
 from activities.steps import MANAGED_BY
 from backends.local.backend import LocalBackend
-from backends.protocol import BackendError
-from pipeline.cleanup import run_cleanup
+from backends.protocol import BackendError, NotFoundError
+from pipeline.cleanup import delete_endpoint_and_deployments, run_cleanup
 from settings import AppSettings
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
@@ -85,6 +85,17 @@ def test_local_cleanup_deletes_expired_and_idle_endpoints_it_made_and_never_othe
     assert reasons["ep-never-used"].startswith("idle: created (never used)")
     assert "last used" in reasons["ep-in-use"]
     assert "ep-not-ours" not in reasons and summary.seen == 4 and summary.managed == 3
+
+
+def test_an_endpoint_another_pass_deleted_meanwhile_is_already_gone_not_a_crash(local: LocalBackend):
+    # Two passes (the timer and POST /api/cleanup) listed the same endpoint; the other one deleted it
+    # first. Moving its traffic off must say NotFound, as Azure does, so this pass moves on.
+    local.endpoints.create_or_update_endpoint("ep-raced", tags=tags(expires=NOW - timedelta(minutes=1)))
+    listed = next(ep for ep in local.list_endpoints() if ep.name == "ep-raced")
+    local.delete_endpoint("ep-raced")
+
+    with pytest.raises(NotFoundError):
+        delete_endpoint_and_deployments(local, listed.model_copy(update={"traffic": {"blue": 100}}), ["blue"])
 
 
 def test_a_pass_whose_time_is_spent_defers_the_rest_to_the_next(local: LocalBackend, monkeypatch):

@@ -314,6 +314,8 @@ class LocalBackend:
             return self._endpoint_state(self.endpoints.set_traffic(endpoint, traffic))
         except InvalidEndpointRequest as exc:
             raise BackendError(str(exc)) from exc
+        except EndpointNotFoundError as exc:
+            raise NotFoundError(str(exc)) from exc
 
     def get_endpoint(self, name: str) -> EndpointState:
         try:
