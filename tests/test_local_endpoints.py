@@ -362,6 +362,22 @@ def _bound(sock: socket.socket, port: int) -> bool:
     return True
 
 
+def test_a_server_that_never_comes_up_is_stopped_not_left_behind(tmp_path, store):
+    # A server stuck before it listens (a hung file system, a machine swapping under a fine-tune).
+    stuck = tmp_path / "stuck-python"
+    stuck.write_text(f"#!/bin/sh\necho $$ > {tmp_path / 'pid'}\nexec sleep 600\n")
+    stuck.chmod(0o755)
+    local = LocalEndpoints(
+        tmp_path / "workspace", tracking_uri=store.tracking_uri, python=str(stuck), start_timeout_s=1
+    )
+
+    with pytest.raises(EndpointServerError, match="did not start within 1 s and was stopped"):
+        local.create_or_update_endpoint("ep-stuck", tags={})
+
+    pid = int((tmp_path / "pid").read_text())
+    assert not _is_alive(pid)  # a retry must not find it holding the port, or add a second one
+
+
 def test_ensure_running_leaves_a_live_server_alone(endpoints, live):
     assert endpoints.ensure_running() == []
     assert endpoints.get_endpoint(live.name).pid == live.pid

@@ -55,8 +55,14 @@ class ServerProcesses:
                     f"{_last_line(log_path, started_at_byte)} (its output is in {log_path})"
                 )
             time.sleep(0.05)
+        # Left running, it could come up later beside the next attempt's server or hold the port.
+        _signal_server(child.pid, signal.SIGKILL)
+        child.wait()
+        del self._children[name]
+        (directory / "server.json").unlink(missing_ok=True)
         raise EndpointServerError(
-            f"endpoint {name!r}: the server did not start within {self.start_timeout_s:g} s; see {log_path}"
+            f"endpoint {name!r}: the server did not start within {self.start_timeout_s:g} s and was "
+            f"stopped; see {log_path}"
         )
 
     def _running_record(self, name: str) -> ServerRecord | None:
