@@ -7,6 +7,7 @@ import itertools
 import os
 import signal
 import socket
+import sqlite3
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -18,7 +19,12 @@ import pipeline.cleanup
 from activities.steps import MANAGED_BY
 from backends.local.backend import LocalBackend
 from backends.protocol import BackendError, NotFoundError
-from pipeline.cleanup import delete_endpoint_and_deployments, run_cleanup
+from pipeline.cleanup import (
+    CleanupDecision,
+    delete_endpoint_and_deployments,
+    delete_unused_models,
+    run_cleanup,
+)
 from settings import AppSettings
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
@@ -350,6 +356,28 @@ def test_local_registry_knows_its_own_versions_and_deletes_them(local: LocalBack
     local.delete_model_version("phi3-ft-aaa", "1")
     local.delete_model_version("phi3-ft-aaa", "1")
     assert [m.name for m in client.search_registered_models()] == ["their-model"]
+
+
+def test_a_model_version_the_registry_fails_to_delete_is_kept_and_said_not_deleted(
+    local: LocalBackend, tmp_path: Path
+):
+    client = local.registry.client()
+    client.create_registered_model("phi3-ft-ccc", tags={"managed-by": "phi3-finetune"})
+    client.create_model_version("phi3-ft-ccc", (tmp_path / "m").as_uri(), tags={"job_name": "j"})
+    # The registry's SQLite file refuses the write, as on a full disk.
+    with sqlite3.connect(local.root / "mlflow.db") as db:
+        db.execute(
+            "CREATE TRIGGER disk_full BEFORE UPDATE ON model_versions "
+            "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END"
+        )
+    decision = CleanupDecision(endpoint="ep-x", kind="online", action="delete", reason="expired")
+
+    delete_unused_models(local, ["models:/phi3-ft-ccc/1"], decision)
+
+    assert decision.models_deleted == []
+    assert decision.models_kept[0].startswith("phi3-ft-ccc:1 (model phi3-ft-ccc:1 could not be deleted")
+    assert decision.models_kept[0].endswith("database or disk is full)")
+    assert [str(v.version) for v in client.search_model_versions("name='phi3-ft-ccc'")] == ["1"]
 
 
 def test_registering_a_jobs_model_again_reuses_its_version(local: LocalBackend, tmp_path: Path):

@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from backends.protocol import MetricPoint, RegisteredModel
+from backends.protocol import BackendError, MetricPoint, RegisteredModel
 
 EVAL_EXPERIMENT = "phi3-evaluation"
 MANAGED_BY_TAG = {"managed-by": "phi3-finetune"}
@@ -93,8 +93,14 @@ class LocalRegistry:
         client = self.client()
         try:
             client.delete_model_version(name, version)
-        except MlflowException:
-            return  # already gone
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return  # already gone
+            # A full disk or a locked database: the version is still there and must not be reported gone.
+            raise BackendError(
+                f"model {name}:{version} could not be deleted from the MLflow registry "
+                f"{self.tracking_uri}: {(str(exc.message).splitlines() or [''])[0]}"  # not the SQL after it
+            ) from exc
         if not client.search_model_versions(f"name='{name}'"):
             client.delete_registered_model(name)
 
