@@ -4,9 +4,11 @@ piped to it."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -325,3 +327,51 @@ def test_a_broken_local_settings_json_is_named_before_anything_starts(app_root, 
     assert main(["run", "--port", "0", "--no-chat"]) == 2
     printed = "".join(capsys.readouterr().out.split())
     assert f"{app_root / 'local.settings.json'}:notvalidJSON" in printed
+
+
+# -- a port another program holds -------------------------------------------------------------------
+class _WebPage(http.server.BaseHTTPRequestHandler):
+    """A web server that is not a devhost: every path is an HTML page."""
+
+    def do_GET(self):
+        body = b"<html><body>someone else's app</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_server_on_a_port():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WebPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent_port():
+    """A port that takes connections and never answers them."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("holder", ["web_server_on_a_port", "silent_port"])
+def test_a_port_held_by_something_that_is_not_a_devhost_is_named_with_the_way_out(
+    holder, request, tmp_path, app_root, capsys
+):
+    from cli.__main__ import main
+
+    port = request.getfixturevalue(holder)
+    argv = ["run", "--port", str(port), "--devhost-state", str(tmp_path / "devhost"), "--no-chat"]
+    assert main(argv) == 2
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal's width
+    assert f"the devhost exited (code 2): cannot listen on 127.0.0.1:{port}" in printed, printed
+    assert f"port {port} is taken by something that is not a devhost: pass --port 0" in printed, printed
