@@ -297,7 +297,7 @@ def app_root(tmp_path, monkeypatch):
     from settings import get_settings
 
     monkeypatch.setattr("cli.__main__.PROJECT_ROOT", tmp_path)
-    for name in ("PHI3_STATE_DIR", "PHI3_BACKEND"):
+    for name in ("PHI3_STATE_DIR", "PHI3_BACKEND", "PHI3_DEVICE"):
         monkeypatch.setenv(name, "")  # recorded, so the undo removes what the file sets
         monkeypatch.delenv(name)
     get_settings.cache_clear()
@@ -327,6 +327,53 @@ def test_a_broken_local_settings_json_is_named_before_anything_starts(app_root, 
     assert main(["run", "--port", "0", "--no-chat"]) == 2
     printed = "".join(capsys.readouterr().out.split())
     assert f"{app_root / 'local.settings.json'}:notvalidJSON" in printed
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"[]", "mustbeanobjectwhose'Values'isanobject"),
+        (b'{"Values": ["PHI3_BACKEND"]}', "mustbeanobjectwhose'Values'isanobject"),
+        ('{"Values": {}}'.encode("utf-16"), "notUTF-8text"),
+    ],
+    ids=["a list", "Values a list", "UTF-16"],
+)
+def test_a_local_settings_json_of_the_wrong_shape_is_named_before_anything_starts(
+    content, fragment, app_root, capsys
+):
+    from cli.__main__ import main
+
+    (app_root / "local.settings.json").write_bytes(content)
+    assert main(["run", "--port", "0", "--devhost-state", str(app_root / "devhost"), "--no-chat"]) == 2
+    printed = "".join(capsys.readouterr().out.split())
+    assert f"{app_root / 'local.settings.json'}:{fragment}" in printed, printed
+    assert not (app_root / "devhost").exists()  # no devhost was started
+
+
+@pytest.mark.parametrize("command", [["chat"], ["run", "--port", "0", "--no-chat"]], ids=["chat", "run"])
+def test_a_bad_setting_value_is_named_before_anything_starts(command, app_root, capsys):
+    from cli.__main__ import main
+
+    settings_file = {"Values": {"PHI3_DEVICE": "gpu", "PHI3_BACKEND": "local"}}
+    (app_root / "local.settings.json").write_text(json.dumps(settings_file))
+    if command[0] == "run":
+        command = [*command, "--devhost-state", str(app_root / "devhost")]
+    assert main(command) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the app settings are not valid" in printed, printed
+    assert "PHI3_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in printed, printed
+    assert not (app_root / "devhost").exists()  # no devhost was started
+
+
+def test_chat_names_the_missing_azure_setting_instead_of_a_traceback(app_root, monkeypatch, capsys):
+    from cli.__main__ import main
+
+    for name in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_ML_WORKSPACE", "AZURE_LOCATION"):
+        monkeypatch.delenv(name, raising=False)
+    (app_root / "local.settings.json").write_text(json.dumps({"Values": {"PHI3_BACKEND": "azure"}}))
+    assert main(["chat"]) == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "set the app setting AZURE_SUBSCRIPTION_ID" in printed, printed
 
 
 # -- a port another program holds -------------------------------------------------------------------
