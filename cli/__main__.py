@@ -26,7 +26,7 @@ from backends.protocol import BackendError
 from devhost.app_loader import AppLoadError, load_local_settings
 from settings import PROJECT_ROOT, get_settings
 
-from .cleanup import leave_nothing_running
+from .cleanup import ending_signals_interrupt, leave_nothing_running
 from .devhost_process import DevhostError, ManagedDevhost
 
 
@@ -202,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "run":
         args.preset = args.preset or None
-        return run(args, console)
+        with ending_signals_interrupt():
+            return run(args, console)
     from .chat import chat_loop, latest_endpoint
 
     try:

@@ -78,7 +78,10 @@ class CliProcess:
         return "".join(self.lines)
 
     def ctrl_c(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGINT)
+        self.send(signal.SIGINT)
+
+    def send(self, sig: signal.Signals) -> None:
+        os.killpg(self.proc.pid, sig)
 
     def wait_exit(self, timeout: float = 120) -> int:
         try:
@@ -244,6 +247,25 @@ def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leav
     assert "deleted endpoint" in cli.output and "devhost stopped" in cli.output
     assert "canceled run" not in cli.output  # it had completed: nothing to cancel
     assert "Traceback" not in cli.output, cli.output[-3000:]
+    assert_nothing_left_running(cli, pids)
+
+
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP], ids=["kill", "terminal closed"])
+def test_a_kill_or_a_closed_terminal_mid_run_leaves_nothing_running_as_ctrl_c_does(ending, cli_process):
+    cli = cli_process(f"cli-{ending.name.lower()}")
+
+    def trainer_running():
+        records = list(cli.state_dir.glob("jobs/*/job.json"))
+        return records and is_alive(json.loads(records[0].read_text())["pid"])
+
+    cli.wait_for("the fine-tune job's trainer running", trainer_running)
+    pids = cli.pids()
+    assert any(name.startswith("trainer") for name in pids), pids
+    cli.send(ending)
+
+    assert cli.wait_exit() == 130, cli.output[-3000:]
+    assert f"canceled run {cli.run_id}" in cli.output, cli.output[-3000:]
+    assert "devhost stopped" in cli.output
     assert_nothing_left_running(cli, pids)
 
 
