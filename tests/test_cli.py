@@ -250,6 +250,28 @@ def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leav
     assert_nothing_left_running(cli, pids)
 
 
+def test_without_a_terminal_each_step_is_reported_while_the_run_goes_on(cli_process):
+    # A live display is drawn once, when it stops, where stdout is no terminal (`make run | tee run.log`):
+    # the progress must come as lines, while the run is still going.
+    cli = cli_process("cli-lines")
+
+    def a_step_line_while_the_run_goes_on():
+        printed = cli.output  # read before the status: the line was out while the run was unfinished
+        summary = cli.summary()
+        unfinished = summary and summary["status"] in ("Running", "Pending")
+        return unfinished and "✓ data: prepare_dataset  400 valid of 400 rows" in printed
+
+    cli.wait_for("a line for the dataset step while the run goes on", a_step_line_while_the_run_goes_on)
+    cli.wait_for(
+        "the training progress while it trains",
+        lambda: "… fine-tune: wait_for_finetune  Running step" in cli.output,
+    )
+    pids = cli.pids()
+    cli.ctrl_c()
+    assert cli.wait_exit() == 130, cli.output[-3000:]
+    assert_nothing_left_running(cli, pids)
+
+
 @pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP], ids=["kill", "terminal closed"])
 def test_a_kill_or_a_closed_terminal_mid_run_leaves_nothing_running_as_ctrl_c_does(ending, cli_process):
     cli = cli_process(f"cli-{ending.name.lower()}")
