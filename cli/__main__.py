@@ -19,12 +19,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import requests
+from pydantic import ValidationError
 from rich.console import Console
 
+from backends.protocol import BackendError
 from devhost.app_loader import AppLoadError, load_local_settings
 from settings import PROJECT_ROOT, get_settings
 
-from .cleanup import leave_nothing_running
+from .cleanup import ending_signals_interrupt, leave_nothing_running
 from .devhost_process import DevhostError, ManagedDevhost
 
 
@@ -148,6 +150,15 @@ def state_folder(text: str) -> Path:
     return path
 
 
+def _settings_problems(error: ValidationError) -> str:
+    """Each bad setting by name; not its value, which may be a secret."""
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return (
+        f"the app settings are not valid ({PROJECT_ROOT / 'local.settings.json'}'s Values or the "
+        f"environment): {problems}"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m cli", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -182,15 +193,24 @@ def main(argv: list[str] | None = None) -> int:
         # The settings the devhost gives the app (it runs this project): the chat, the cleanup on leaving
         # and the loss curve must find the run's endpoint and state where the app put them.
         load_local_settings(PROJECT_ROOT)
+        get_settings()  # a bad value is named here, not by a traceback or a devhost that will not start
     except AppLoadError as exc:
         console.print(f"[red]{exc}[/]")
         return 2
+    except ValidationError as exc:
+        console.print(_settings_problems(exc), style="red", markup=False)
+        return 2
     if args.command == "run":
         args.preset = args.preset or None
-        return run(args, console)
+        with ending_signals_interrupt():
+            return run(args, console)
     from .chat import chat_loop, latest_endpoint
 
-    endpoint = args.endpoint or latest_endpoint()
+    try:
+        endpoint = args.endpoint or latest_endpoint()
+    except BackendError as exc:  # e.g. PHI3_BACKEND=azure without the settings that name the workspace
+        console.print(str(exc), style="red", markup=False)
+        return 1
     if not endpoint:
         console.print("[red]no endpoint with traffic: run `make run` first[/]")
         return 1

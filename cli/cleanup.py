@@ -10,7 +10,10 @@ session, so an interrupt during deployment would otherwise leave it serving.
 
 from __future__ import annotations
 
+import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from .devhost_process import ManagedDevhost
 TERMINAL = ("Completed", "Failed", "Terminated", "Canceled")
 NOT_FOUND = "NotFound"  # the run API never heard of the run (e.g. Ctrl-C before it was accepted)
 UNKNOWN = "Unknown"  # the run API did not answer
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,8 @@ def leave_nothing_running(
     console: Console,
 ) -> None:
     """``host``: the devhost this CLI started (None when it found one already serving)."""
-    # A second Ctrl-C must not stop the cleanup half-way and strand what the first one was stopping.
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A second Ctrl-C (or kill) must not stop the cleanup half-way and strand what the first was stopping.
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, *ENDING_SIGNALS)}
     try:
         summary = _read_run(api, run_id, console) if run_id else {"status": NOT_FOUND}
         if run_id and summary["status"] not in (*TERMINAL, NOT_FOUND):
@@ -75,7 +79,36 @@ def leave_nothing_running(
             resources = RunResources.of(run_id, body, summary)
             _stop_resources(resources, summary["status"], keep_endpoint, console)
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextmanager
+def ending_signals_interrupt() -> Iterator[None]:
+    """Within it a closed terminal (SIGHUP) or ``kill``/``timeout`` (SIGTERM) ends the CLI as Ctrl-C does,
+    through the same cleanup. By default they end it at once, and the devhost (in its own session, so the
+    signal does not reach it), the run and the servers it started would go on."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        if signum == signal.SIGHUP:
+            _leave_the_terminal()
+        raise KeyboardInterrupt
+
+    previous = {sig: signal.signal(sig, interrupt) for sig in ENDING_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _leave_the_terminal() -> None:
+    """After a hang-up, writing to the terminal fails (EIO) and would stop the cleanup half-way."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        if os.isatty(fd):
+            os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 def _read_run(api: str, run_id: str, console: Console) -> dict[str, Any]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -19,6 +21,15 @@ class DevhostError(RuntimeError):
     pass
 
 
+def _port_taken(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as error:
+            return error.errno == errno.EADDRINUSE
+    return False
+
+
 class ManagedDevhost:
     def __init__(self, port: int, state_dir: Path | None = None):
         self.port = port
@@ -28,11 +39,14 @@ class ManagedDevhost:
         self.log_path = self.state_dir / "devhost.log"
 
     def running_here(self) -> bool:
+        """A devhost answers on the port. Something else there (another web server, a port that never
+        answers) is not one: starting ours then fails, and says the port is taken."""
         try:
             r = requests.get(f"{self.url}/api/health", timeout=2)
-        except requests.ConnectionError:
+            health = r.json() if r.ok else None
+        except (requests.RequestException, ValueError):
             return False
-        return r.ok and r.json().get("status") == "ok"
+        return isinstance(health, dict) and health.get("status") == "ok"
 
     def start(self, timeout: float = 90) -> bool:
         """Returns True when this call started the host (False when one was already serving).
@@ -46,6 +60,7 @@ class ManagedDevhost:
             message = f"cannot make the devhost's state folder {self.state_dir}: {error.strerror}"
             raise DevhostError(message) from None
         with self.log_path.open("a") as log:
+            log_start = log.tell()
             self.proc = subprocess.Popen(
                 [
                     sys.executable,
@@ -68,13 +83,33 @@ class ManagedDevhost:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise DevhostError(f"the devhost exited (code {self.proc.returncode}); see {self.log_path}")
+                reason = self._last_words(log_start)
+                if self.port and _port_taken(self.port):
+                    reason += (
+                        f" (port {self.port} is taken by something that is not a devhost: "
+                        "pass --port 0 for any free port)"
+                    )
+                raise DevhostError(
+                    f"the devhost exited (code {self.proc.returncode}){': ' + reason if reason else ''}; "
+                    f"see {self.log_path}"
+                )
             if self._announced() and self.running_here():
                 return True
             time.sleep(0.3)
         raise DevhostError(
             f"the devhost did not answer on {self.url} within {timeout:.0f}s; see {self.log_path}"
         )
+
+    def _last_words(self, since: int) -> str:
+        """Why the host exited, in its words (``devhost: cannot listen on ...: Address already in use``,
+        ``devhost: cannot load the app: ...``) from this start's part of the log."""
+        with self.log_path.open("rb") as log:
+            log.seek(since)
+            lines = log.read().decode(errors="replace").splitlines()
+        said = [i for i, line in enumerate(lines) if line.startswith("devhost: ")]
+        if not said:
+            return ""
+        return "\n".join(lines[said[-1] :]).removeprefix("devhost: ").strip()
 
     def _announced(self) -> bool:
         """The host writes ``devhost.json`` once listening; ours is the one with our child's pid."""

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import requests
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -38,7 +40,21 @@ def _step_info(step: dict) -> tuple[str, int, int]:
     return text[:90], 1, 1
 
 
+def _summaries(api: str, run_id: str, poll_seconds: float) -> Iterator[dict]:
+    """The run's summary, once a poll, until (and including) the one that says it ended."""
+    while True:
+        r = requests.get(f"{api}/runs/{run_id}", timeout=30)
+        r.raise_for_status()
+        summary = r.json()
+        yield summary
+        if summary["status"] in TERMINAL:
+            return
+        time.sleep(poll_seconds)
+
+
 def watch_run(api: str, run_id: str, console: Console, poll_seconds: float = 1.0) -> dict:
+    if not console.is_terminal:
+        return _watch_run_in_lines(api, run_id, console, poll_seconds)
     columns = (
         SpinnerColumn(),
         TextColumn("{task.description:<34}"),
@@ -49,10 +65,7 @@ def watch_run(api: str, run_id: str, console: Console, poll_seconds: float = 1.0
     )
     tasks: dict[str, int] = {}
     with Progress(*columns, console=console, transient=False) as progress:
-        while True:
-            r = requests.get(f"{api}/runs/{run_id}", timeout=30)
-            r.raise_for_status()
-            summary = r.json()
+        for summary in _summaries(api, run_id, poll_seconds):
             for step in summary.get("steps", []):
                 if step["status"] == "pending":
                     continue
@@ -64,9 +77,28 @@ def watch_run(api: str, run_id: str, console: Console, poll_seconds: float = 1.0
                 progress.update(task, description=label, total=total, completed=done, info=info)
                 if step["status"] != "running":
                     progress.stop_task(task)
-            if summary["status"] in TERMINAL:
-                return summary
-            time.sleep(poll_seconds)
+    return summary
+
+
+def _watch_run_in_lines(api: str, run_id: str, console: Console, poll_seconds: float) -> dict:
+    """Without a terminal (a pipe, a log file) a live display is drawn only once, when it stops: a line
+    per step as it ends, and a running step's progress every tenth, say what the run is doing meanwhile."""
+    reported: dict[str, object] = {}
+    for summary in _summaries(api, run_id, poll_seconds):
+        for step in summary.get("steps", []):
+            if step["status"] == "pending":
+                continue
+            info, done, total = _step_info(step)
+            mark = step["status"] if step["status"] != "running" else f"running {10 * done // total}"
+            if reported.get(step["name"]) == mark or (step["status"] == "running" and not done):
+                continue
+            reported[step["name"]] = mark
+            console.print(
+                f"{ICONS.get(step['status'], '')} {step['stage']}: {step['name']}  {escape(info)}",
+                overflow="ellipsis",
+                no_wrap=True,
+            )
+    return summary
 
 
 def print_summary(summary: dict, console: Console) -> None:

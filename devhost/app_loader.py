@@ -102,9 +102,15 @@ def load_local_settings(root: Path) -> dict[str, str]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise AppLoadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-    values = data.get("Values") or {}
+    except UnicodeDecodeError:
+        raise AppLoadError(f"{path}: not UTF-8 text; save it as UTF-8") from None
+    values = data.get("Values") if isinstance(data, dict) else []
+    if values is None:
+        values = {}
     if not isinstance(values, dict):
-        raise AppLoadError(f"{path}: 'Values' must be an object of setting names to strings")
+        raise AppLoadError(
+            f"{path}: must be an object whose 'Values' is an object of setting names to strings"
+        )
     applied = {}
     for key, value in values.items():
         if key not in os.environ:

@@ -4,9 +4,11 @@ piped to it."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -76,7 +78,10 @@ class CliProcess:
         return "".join(self.lines)
 
     def ctrl_c(self) -> None:
-        os.killpg(self.proc.pid, signal.SIGINT)
+        self.send(signal.SIGINT)
+
+    def send(self, sig: signal.Signals) -> None:
+        os.killpg(self.proc.pid, sig)
 
     def wait_exit(self, timeout: float = 120) -> int:
         try:
@@ -245,6 +250,47 @@ def test_without_a_terminal_the_cli_answers_piped_questions_and_ctrl_c_then_leav
     assert_nothing_left_running(cli, pids)
 
 
+def test_without_a_terminal_each_step_is_reported_while_the_run_goes_on(cli_process):
+    # A live display is drawn once, when it stops, where stdout is no terminal (`make run | tee run.log`):
+    # the progress must come as lines, while the run is still going.
+    cli = cli_process("cli-lines")
+
+    def a_step_line_while_the_run_goes_on():
+        printed = cli.output  # read before the status: the line was out while the run was unfinished
+        summary = cli.summary()
+        unfinished = summary and summary["status"] in ("Running", "Pending")
+        return unfinished and "✓ data: prepare_dataset  400 valid of 400 rows" in printed
+
+    cli.wait_for("a line for the dataset step while the run goes on", a_step_line_while_the_run_goes_on)
+    cli.wait_for(
+        "the training progress while it trains",
+        lambda: "… fine-tune: wait_for_finetune  Running step" in cli.output,
+    )
+    pids = cli.pids()
+    cli.ctrl_c()
+    assert cli.wait_exit() == 130, cli.output[-3000:]
+    assert_nothing_left_running(cli, pids)
+
+
+@pytest.mark.parametrize("ending", [signal.SIGTERM, signal.SIGHUP], ids=["kill", "terminal closed"])
+def test_a_kill_or_a_closed_terminal_mid_run_leaves_nothing_running_as_ctrl_c_does(ending, cli_process):
+    cli = cli_process(f"cli-{ending.name.lower()}")
+
+    def trainer_running():
+        records = list(cli.state_dir.glob("jobs/*/job.json"))
+        return records and is_alive(json.loads(records[0].read_text())["pid"])
+
+    cli.wait_for("the fine-tune job's trainer running", trainer_running)
+    pids = cli.pids()
+    assert any(name.startswith("trainer") for name in pids), pids
+    cli.send(ending)
+
+    assert cli.wait_exit() == 130, cli.output[-3000:]
+    assert f"canceled run {cli.run_id}" in cli.output, cli.output[-3000:]
+    assert "devhost stopped" in cli.output
+    assert_nothing_left_running(cli, pids)
+
+
 # -- options ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("argv", "environment", "fragment"),
@@ -295,7 +341,7 @@ def app_root(tmp_path, monkeypatch):
     from settings import get_settings
 
     monkeypatch.setattr("cli.__main__.PROJECT_ROOT", tmp_path)
-    for name in ("PHI3_STATE_DIR", "PHI3_BACKEND"):
+    for name in ("PHI3_STATE_DIR", "PHI3_BACKEND", "PHI3_DEVICE"):
         monkeypatch.setenv(name, "")  # recorded, so the undo removes what the file sets
         monkeypatch.delenv(name)
     get_settings.cache_clear()
@@ -325,3 +371,98 @@ def test_a_broken_local_settings_json_is_named_before_anything_starts(app_root, 
     assert main(["run", "--port", "0", "--no-chat"]) == 2
     printed = "".join(capsys.readouterr().out.split())
     assert f"{app_root / 'local.settings.json'}:notvalidJSON" in printed
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"[]", "mustbeanobjectwhose'Values'isanobject"),
+        (b'{"Values": ["PHI3_BACKEND"]}', "mustbeanobjectwhose'Values'isanobject"),
+        ('{"Values": {}}'.encode("utf-16"), "notUTF-8text"),
+    ],
+    ids=["a list", "Values a list", "UTF-16"],
+)
+def test_a_local_settings_json_of_the_wrong_shape_is_named_before_anything_starts(
+    content, fragment, app_root, capsys
+):
+    from cli.__main__ import main
+
+    (app_root / "local.settings.json").write_bytes(content)
+    assert main(["run", "--port", "0", "--devhost-state", str(app_root / "devhost"), "--no-chat"]) == 2
+    printed = "".join(capsys.readouterr().out.split())
+    assert f"{app_root / 'local.settings.json'}:{fragment}" in printed, printed
+    assert not (app_root / "devhost").exists()  # no devhost was started
+
+
+@pytest.mark.parametrize("command", [["chat"], ["run", "--port", "0", "--no-chat"]], ids=["chat", "run"])
+def test_a_bad_setting_value_is_named_before_anything_starts(command, app_root, capsys):
+    from cli.__main__ import main
+
+    settings_file = {"Values": {"PHI3_DEVICE": "gpu", "PHI3_BACKEND": "local"}}
+    (app_root / "local.settings.json").write_text(json.dumps(settings_file))
+    if command[0] == "run":
+        command = [*command, "--devhost-state", str(app_root / "devhost")]
+    assert main(command) == 2
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "the app settings are not valid" in printed, printed
+    assert "PHI3_DEVICE: Input should be 'auto', 'cpu' or 'cuda'" in printed, printed
+    assert not (app_root / "devhost").exists()  # no devhost was started
+
+
+def test_chat_names_the_missing_azure_setting_instead_of_a_traceback(app_root, monkeypatch, capsys):
+    from cli.__main__ import main
+
+    for name in ("AZURE_SUBSCRIPTION_ID", "AZURE_RESOURCE_GROUP", "AZURE_ML_WORKSPACE", "AZURE_LOCATION"):
+        monkeypatch.delenv(name, raising=False)
+    (app_root / "local.settings.json").write_text(json.dumps({"Values": {"PHI3_BACKEND": "azure"}}))
+    assert main(["chat"]) == 1
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "set the app setting AZURE_SUBSCRIPTION_ID" in printed, printed
+
+
+# -- a port another program holds -------------------------------------------------------------------
+class _WebPage(http.server.BaseHTTPRequestHandler):
+    """A web server that is not a devhost: every path is an HTML page."""
+
+    def do_GET(self):
+        body = b"<html><body>someone else's app</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_server_on_a_port():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _WebPage)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1]
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def silent_port():
+    """A port that takes connections and never answers them."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("holder", ["web_server_on_a_port", "silent_port"])
+def test_a_port_held_by_something_that_is_not_a_devhost_is_named_with_the_way_out(
+    holder, request, tmp_path, app_root, capsys
+):
+    from cli.__main__ import main
+
+    port = request.getfixturevalue(holder)
+    argv = ["run", "--port", str(port), "--devhost-state", str(tmp_path / "devhost"), "--no-chat"]
+    assert main(argv) == 2
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal's width
+    assert f"the devhost exited (code 2): cannot listen on 127.0.0.1:{port}" in printed, printed
+    assert f"port {port} is taken by something that is not a devhost: pass --port 0" in printed, printed
