@@ -77,7 +77,9 @@ def leave_nothing_running(
             console.print("devhost stopped")
         if run_id and summary["status"] != NOT_FOUND:
             resources = RunResources.of(run_id, body, summary)
-            _stop_resources(resources, summary["status"], keep_endpoint, console)
+            # A devhost found serving may keep its state elsewhere: then its endpoint is not ours to see.
+            elsewhere = host is None and bool((summary.get("endpoint") or {}).get("name"))
+            _stop_resources(resources, summary["status"], keep_endpoint, console, elsewhere=elsewhere)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -139,7 +141,10 @@ def _cancel_run(api: str, run_id: str, console: Console) -> None:
         console.print(f"[yellow]canceling run {run_id} failed: {r.status_code} {r.text[:200]}[/]")
 
 
-def _stop_resources(resources: RunResources, status: str, keep: bool, console: Console) -> None:
+def _stop_resources(
+    resources: RunResources, status: str, keep: bool, console: Console, *, elsewhere: bool = False
+) -> None:
+    """``elsewhere``: the run was served by a devhost this CLI did not start and reported an endpoint."""
     from .chat import client_backend
 
     backend = client_backend()
@@ -153,7 +158,14 @@ def _stop_resources(resources: RunResources, status: str, keep: bool, console: C
     try:
         backend.get_endpoint(resources.endpoint)
     except NotFoundError:
-        return  # the run never got that far
+        if elsewhere:  # e.g. a devhost of another checkout, or one with another PHI3_STATE_DIR
+            console.print(
+                f"endpoint {resources.endpoint} is not in {get_settings().state_dir}: the devhost that "
+                "served the run keeps its state elsewhere; if the endpoint still serves, delete it there",
+                style="yellow",
+                markup=False,
+            )
+        return  # else the run never got that far
     except BackendError as exc:
         console.print(f"[red]could not look up endpoint {resources.endpoint}: {exc}[/]")
         return

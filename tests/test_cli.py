@@ -466,3 +466,37 @@ def test_a_port_held_by_something_that_is_not_a_devhost_is_named_with_the_way_ou
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps lines to the terminal's width
     assert f"the devhost exited (code 2): cannot listen on 127.0.0.1:{port}" in printed, printed
     assert f"port {port} is taken by something that is not a devhost: pass --port 0" in printed, printed
+
+
+@pytest.mark.parametrize("started_here", [False, True])
+def test_an_endpoint_a_reused_devhost_keeps_elsewhere_is_named_not_passed_over(
+    tmp_path, monkeypatch, started_here
+):
+    # A devhost already on the port may be another checkout's, or run with another PHI3_STATE_DIR: the
+    # endpoint it reported is then not in this CLI's state, and must not go unmentioned.
+    import io
+
+    from rich.console import Console
+
+    from cli.cleanup import RunResources, _stop_resources
+    from settings import get_settings
+
+    monkeypatch.setenv("PHI3_STATE_DIR", str(tmp_path / "ours"))
+    get_settings.cache_clear()
+    out = io.StringIO()
+    try:
+        _stop_resources(
+            RunResources(job=None, endpoint="phi3ft-elsewhere"),
+            "Completed",
+            False,
+            Console(file=out, width=300),
+            elsewhere=not started_here,
+        )
+    finally:
+        get_settings.cache_clear()
+
+    said = out.getvalue()
+    if started_here:  # our own devhost's state: not there means the run never made it, or deleted it
+        assert said == ""
+    else:
+        assert f"endpoint phi3ft-elsewhere is not in {tmp_path / 'ours'}" in said
