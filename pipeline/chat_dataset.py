@@ -233,6 +233,8 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
     # Read the lines ourselves: datasets' json loader stops at the first bad line without saying which.
     row = 0
     with path.open("rb") as lines:
+        _refuse_wide_encoding(path, lines.read(4))
+        lines.seek(0)
         for line_number, raw in enumerate(lines, start=1):
             if raw.isspace():
                 continue
@@ -262,6 +264,18 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
                 continue
             yield SourceRow(origin, value)
     return min(row, skip)
+
+
+def _refuse_wide_encoding(path: Path, head: bytes) -> None:
+    """A UTF-16 or UTF-32 file (Notepad's "Unicode") split at b"\n" would be read line by line in pieces:
+    ``json.loads`` guesses each piece's encoding anew, so most rows would pass and the rest fail as bad
+    UTF-8. Whole-file, it is one clear error instead."""
+    encoding = json.detect_encoding(head)  # the guess json.loads makes: a BOM, or NULs in JSON's first bytes
+    if not encoding.startswith("utf-8"):
+        raise DatasetSourceError(
+            f"dataset file {path} is encoded as {encoding.upper()}, not UTF-8; JSONL must be UTF-8: save it "
+            "again as UTF-8 (in Notepad: Save As, Encoding: UTF-8)"
+        )
 
 
 def _bad_utf8(error: UnicodeDecodeError) -> str:

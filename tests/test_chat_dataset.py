@@ -664,3 +664,17 @@ def test_a_file_written_on_windows_with_a_byte_order_mark_and_crlf_reads_cleanly
     (tmp_path / "chats.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
 
     assert [row.value for row in load_rows(tmp_path / "chats.jsonl")] == GOOD
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_file_saved_as_utf16_or_utf32_is_refused_whole_naming_its_encoding(
+    tmp_path: Path, encoding: str
+) -> None:
+    # json.loads guesses each line's encoding: split at b"\n", most UTF-16 lines would pass and others fail.
+    text = "".join(json.dumps(row) + "\n" for row in GOOD)
+    (tmp_path / "chats.jsonl").write_bytes(text.encode(encoding))
+
+    with pytest.raises(
+        DatasetSourceError, match=r"chats\.jsonl is encoded as UTF-(16|32).*save it again as UTF-8"
+    ):
+        prepare(tmp_path / "chats.jsonl", tmp_path / "out", drop_invalid=True)
