@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.chat_validation import (
     APPROX_TOKENIZER,
+    MESSAGE_KEYS,
     CountTokens,
     DatasetError,
     DatasetReport,
@@ -312,9 +313,22 @@ def _read_batches(batches: Iterable[Any], name: str, skip: int) -> RowReader:
     for batch in batches:
         first = min(max(skip - row, 0), batch.num_rows)
         for index, value in enumerate(batch.slice(first).to_pylist(), start=row + first):
-            yield SourceRow(RowOrigin(name, index), value)
+            yield SourceRow(RowOrigin(name, index), _without_absent_message_keys(value))
         row += batch.num_rows
     return min(row, skip)
+
+
+def _without_absent_message_keys(value: Any) -> Any:
+    """An Arrow column of messages has one struct type for all of them: a ``name`` on one message gives
+    every other message ``name: None``. Such a null key was absent in the source, so it is dropped here;
+    one with a value is kept, for validation to report."""
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict) and len(message) > len(MESSAGE_KEYS):
+                for key in [k for k, v in message.items() if v is None and k not in MESSAGE_KEYS]:
+                    del message[key]
+    return value
 
 
 def _read_saved_dataset(path: Path, split: str | None, skip: int) -> RowReader:
@@ -407,7 +421,7 @@ def _read_hub(source: HubDataset, start: ReadPosition, opened: Callable[[Any], N
         opened(stream)
         label = f"{source.id}:{chosen.split}"  # rows are numbered from the start of the whole split
         for row, value in enumerate(stream, start=chosen.start + start.rows):
-            yield SourceRow(RowOrigin(label, row), value)
+            yield SourceRow(RowOrigin(label, row), _without_absent_message_keys(value))
     except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as error:
         raise DatasetSourceError(
             f"could not read Hugging Face dataset '{source.id}' split '{source.split}': {error}. "

@@ -678,3 +678,43 @@ def test_a_file_saved_as_utf16_or_utf32_is_refused_whole_naming_its_encoding(
         DatasetSourceError, match=r"chats\.jsonl is encoded as UTF-(16|32).*save it again as UTF-8"
     ):
         prepare(tmp_path / "chats.jsonl", tmp_path / "out", drop_invalid=True)
+
+
+def _write_parquet(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), folder / "chats.parquet")
+    return folder / "chats.parquet"
+
+
+def _save_to_disk(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder / "saved"))
+    return folder / "saved"
+
+
+def _hub_repository_of_parquet(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    (folder / "repo").mkdir()
+    _write_parquet(folder / "repo", rows)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: chats.parquet\n"
+    (folder / "repo" / "README.md").write_text(card + "---\n", encoding="utf-8")
+    return HubDataset(id=str(folder / "repo"), split="train")
+
+
+@pytest.mark.parametrize("write", [_write_parquet, _save_to_disk, _hub_repository_of_parquet])
+def test_a_key_on_one_message_of_an_arrow_source_is_not_blamed_on_the_messages_without_it(
+    tmp_path: Path, write: Any
+) -> None:
+    # Arrow gives all messages of a column one struct type: the others read back with name=None.
+    named = {"messages": [{**user(), "name": "bob"}, assistant()]}
+    source = write(tmp_path, [named, *GOOD])
+    write_jsonl(tmp_path / "chats.jsonl", [named, *GOOD])
+
+    from_arrow = prepare_dataset(load_rows(source), out_dir=tmp_path / "arrow", drop_invalid=True)
+    from_jsonl = prepare(tmp_path / "chats.jsonl", tmp_path / "jsonl", drop_invalid=True)
+
+    assert [(p.row, p.field) for p in from_arrow.first_problems] == [(0, "messages[0].name")]
+    assert from_arrow.train_file.sha256 == from_jsonl.train_file.sha256
+    assert from_arrow.test_file.sha256 == from_jsonl.test_file.sha256
