@@ -304,7 +304,29 @@ def _read_parquet(path: Path, skip: int = 0) -> RowReader:
         raise DatasetSourceError(f"dataset file {path} is not a readable Parquet file: {error}") from error
     if skip >= parquet.metadata.num_rows:
         return parquet.metadata.num_rows
-    return (yield from _read_batches(parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS), path.name, skip))
+    return (yield from _read_batches(_parquet_batches(parquet, path), path.name, skip))
+
+
+def _parquet_batches(parquet: Any, path: Path) -> Iterator[Any]:
+    """The file's record batches; a damaged page is an error naming the file and where, not Arrow's bare
+    "Corrupt snappy compressed data"."""
+    import pyarrow as pa
+
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+    row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:
+            reason = str(error).strip()
+            raise DatasetSourceError(
+                f"dataset file {path} cannot be read from row {row} on, the file is damaged: {reason}; "
+                "write it again, or leave it out of dataset.files"
+            ) from error
+        row += batch.num_rows
+        yield batch
 
 
 def _read_batches(batches: Iterable[Any], name: str, skip: int) -> RowReader:

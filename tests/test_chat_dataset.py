@@ -718,3 +718,22 @@ def test_a_key_on_one_message_of_an_arrow_source_is_not_blamed_on_the_messages_w
     assert [(p.row, p.field) for p in from_arrow.first_problems] == [(0, "messages[0].name")]
     assert from_arrow.train_file.sha256 == from_jsonl.train_file.sha256
     assert from_arrow.test_file.sha256 == from_jsonl.test_file.sha256
+
+
+def test_a_damaged_page_of_a_parquet_file_is_an_error_naming_the_file_and_the_row_reading_stopped_at(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.Table.from_pylist(GOOD * 1000), path, row_group_size=2500)
+    offset = pq.ParquetFile(path).metadata.row_group(3).column(1).data_page_offset
+    damaged = bytearray(path.read_bytes())
+    damaged[offset : offset + 16] = b"\xff" * 16  # the page header of the last row group's content column
+    path.write_bytes(bytes(damaged))
+
+    with pytest.raises(
+        DatasetSourceError, match=r"chats\.parquet cannot be read from row \d+ on, the file is damaged"
+    ):
+        prepare(path, tmp_path / "out")
