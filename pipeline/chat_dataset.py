@@ -249,7 +249,7 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_ENCODING, _bad_utf8(error)))
                 continue
             except json.JSONDecodeError as error:
-                message = f"not valid JSON: {error.msg} at column {error.colno}"
+                message = _json_error(error)
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
                 continue
             except (RecursionError, ValueError) as error:  # too deep, or a number of 4300+ digits
@@ -265,6 +265,16 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
                 continue
             yield SourceRow(origin, value)
     return min(row, skip)
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    if error.msg.startswith("Invalid control character"):  # json's message ends in "at", for a position
+        character = f"U+{ord(error.doc[error.pos]):04X}"
+        return (
+            f"not valid JSON: a raw control character ({character}) inside a string at column {error.colno}; "
+            "JSON needs it escaped (\\t, \\n, \\u0000)"
+        )
+    return f"not valid JSON: {error.msg} at column {error.colno}"
 
 
 def _refuse_wide_encoding(path: Path, head: bytes) -> None:

@@ -737,3 +737,17 @@ def test_a_damaged_page_of_a_parquet_file_is_an_error_naming_the_file_and_the_ro
         DatasetSourceError, match=r"chats\.parquet cannot be read from row \d+ on, the file is damaged"
     ):
         prepare(path, tmp_path / "out")
+
+
+def test_a_raw_tab_inside_a_string_is_named_with_its_column_and_how_to_escape_it(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "chats.jsonl", [*GOOD, b'{"messages": [{"role": "user", "content": "a\tb"}]}']
+    )
+
+    with pytest.raises(InvalidDatasetError) as raised:
+        prepare(path, tmp_path / "out")
+
+    assert str(raised.value.report.first_problems[0]) == (
+        "chats.jsonl line 11: not valid JSON: a raw control character (U+0009) inside a string at column 45; "
+        "JSON needs it escaped (\\t, \\n, \\u0000)"
+    )
