@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.chat_validation import (
     APPROX_TOKENIZER,
+    MESSAGE_KEYS,
     CountTokens,
     DatasetError,
     DatasetReport,
@@ -233,6 +234,8 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
     # Read the lines ourselves: datasets' json loader stops at the first bad line without saying which.
     row = 0
     with path.open("rb") as lines:
+        _refuse_wide_encoding(path, lines.read(4))
+        lines.seek(0)
         for line_number, raw in enumerate(lines, start=1):
             if raw.isspace():
                 continue
@@ -246,7 +249,7 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_ENCODING, _bad_utf8(error)))
                 continue
             except json.JSONDecodeError as error:
-                message = f"not valid JSON: {error.msg} at column {error.colno}"
+                message = _json_error(error)
                 yield SourceRow(origin, error=UnreadableRow(ProblemReason.INVALID_JSON, message))
                 continue
             except (RecursionError, ValueError) as error:  # too deep, or a number of 4300+ digits
@@ -262,6 +265,28 @@ def _read_jsonl(path: Path, skip: int = 0) -> RowReader:
                 continue
             yield SourceRow(origin, value)
     return min(row, skip)
+
+
+def _json_error(error: json.JSONDecodeError) -> str:
+    if error.msg.startswith("Invalid control character"):  # json's message ends in "at", for a position
+        character = f"U+{ord(error.doc[error.pos]):04X}"
+        return (
+            f"not valid JSON: a raw control character ({character}) inside a string at column {error.colno}; "
+            "JSON needs it escaped (\\t, \\n, \\u0000)"
+        )
+    return f"not valid JSON: {error.msg} at column {error.colno}"
+
+
+def _refuse_wide_encoding(path: Path, head: bytes) -> None:
+    """A UTF-16 or UTF-32 file (Notepad's "Unicode") split at b"\n" would be read line by line in pieces:
+    ``json.loads`` guesses each piece's encoding anew, so most rows would pass and the rest fail as bad
+    UTF-8. Whole-file, it is one clear error instead."""
+    encoding = json.detect_encoding(head)  # the guess json.loads makes: a BOM, or NULs in JSON's first bytes
+    if not encoding.startswith("utf-8"):
+        raise DatasetSourceError(
+            f"dataset file {path} is encoded as {encoding.upper()}, not UTF-8; JSONL must be UTF-8: save it "
+            "again as UTF-8 (in Notepad: Save As, Encoding: UTF-8)"
+        )
 
 
 def _bad_utf8(error: UnicodeDecodeError) -> str:
@@ -289,7 +314,29 @@ def _read_parquet(path: Path, skip: int = 0) -> RowReader:
         raise DatasetSourceError(f"dataset file {path} is not a readable Parquet file: {error}") from error
     if skip >= parquet.metadata.num_rows:
         return parquet.metadata.num_rows
-    return (yield from _read_batches(parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS), path.name, skip))
+    return (yield from _read_batches(_parquet_batches(parquet, path), path.name, skip))
+
+
+def _parquet_batches(parquet: Any, path: Path) -> Iterator[Any]:
+    """The file's record batches; a damaged page is an error naming the file and where, not Arrow's bare
+    "Corrupt snappy compressed data"."""
+    import pyarrow as pa
+
+    batches = parquet.iter_batches(batch_size=_PARQUET_BATCH_ROWS)
+    row = 0
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except (pa.ArrowException, OSError) as error:
+            reason = str(error).strip()
+            raise DatasetSourceError(
+                f"dataset file {path} cannot be read from row {row} on, the file is damaged: {reason}; "
+                "write it again, or leave it out of dataset.files"
+            ) from error
+        row += batch.num_rows
+        yield batch
 
 
 def _read_batches(batches: Iterable[Any], name: str, skip: int) -> RowReader:
@@ -298,9 +345,22 @@ def _read_batches(batches: Iterable[Any], name: str, skip: int) -> RowReader:
     for batch in batches:
         first = min(max(skip - row, 0), batch.num_rows)
         for index, value in enumerate(batch.slice(first).to_pylist(), start=row + first):
-            yield SourceRow(RowOrigin(name, index), value)
+            yield SourceRow(RowOrigin(name, index), _without_absent_message_keys(value))
         row += batch.num_rows
     return min(row, skip)
+
+
+def _without_absent_message_keys(value: Any) -> Any:
+    """An Arrow column of messages has one struct type for all of them: a ``name`` on one message gives
+    every other message ``name: None``. Such a null key was absent in the source, so it is dropped here;
+    one with a value is kept, for validation to report."""
+    messages = value.get("messages") if isinstance(value, dict) else None
+    if isinstance(messages, list):
+        for message in messages:
+            if isinstance(message, dict) and len(message) > len(MESSAGE_KEYS):
+                for key in [k for k, v in message.items() if v is None and k not in MESSAGE_KEYS]:
+                    del message[key]
+    return value
 
 
 def _read_saved_dataset(path: Path, split: str | None, skip: int) -> RowReader:
@@ -393,7 +453,7 @@ def _read_hub(source: HubDataset, start: ReadPosition, opened: Callable[[Any], N
         opened(stream)
         label = f"{source.id}:{chosen.split}"  # rows are numbered from the start of the whole split
         for row, value in enumerate(stream, start=chosen.start + start.rows):
-            yield SourceRow(RowOrigin(label, row), value)
+            yield SourceRow(RowOrigin(label, row), _without_absent_message_keys(value))
     except (ConnectionError, DatasetNotFoundError, FileNotFoundError) as error:
         raise DatasetSourceError(
             f"could not read Hugging Face dataset '{source.id}' split '{source.split}': {error}. "

@@ -664,3 +664,90 @@ def test_a_file_written_on_windows_with_a_byte_order_mark_and_crlf_reads_cleanly
     (tmp_path / "chats.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode("utf-8") + b"\r\n")
 
     assert [row.value for row in load_rows(tmp_path / "chats.jsonl")] == GOOD
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_a_file_saved_as_utf16_or_utf32_is_refused_whole_naming_its_encoding(
+    tmp_path: Path, encoding: str
+) -> None:
+    # json.loads guesses each line's encoding: split at b"\n", most UTF-16 lines would pass and others fail.
+    text = "".join(json.dumps(row) + "\n" for row in GOOD)
+    (tmp_path / "chats.jsonl").write_bytes(text.encode(encoding))
+
+    with pytest.raises(
+        DatasetSourceError, match=r"chats\.jsonl is encoded as UTF-(16|32).*save it again as UTF-8"
+    ):
+        prepare(tmp_path / "chats.jsonl", tmp_path / "out", drop_invalid=True)
+
+
+def _write_parquet(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), folder / "chats.parquet")
+    return folder / "chats.parquet"
+
+
+def _save_to_disk(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    import datasets
+
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder / "saved"))
+    return folder / "saved"
+
+
+def _hub_repository_of_parquet(folder: Path, rows: list[Any]) -> Path | HubDataset:
+    (folder / "repo").mkdir()
+    _write_parquet(folder / "repo", rows)
+    card = "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    path: chats.parquet\n"
+    (folder / "repo" / "README.md").write_text(card + "---\n", encoding="utf-8")
+    return HubDataset(id=str(folder / "repo"), split="train")
+
+
+@pytest.mark.parametrize("write", [_write_parquet, _save_to_disk, _hub_repository_of_parquet])
+def test_a_key_on_one_message_of_an_arrow_source_is_not_blamed_on_the_messages_without_it(
+    tmp_path: Path, write: Any
+) -> None:
+    # Arrow gives all messages of a column one struct type: the others read back with name=None.
+    named = {"messages": [{**user(), "name": "bob"}, assistant()]}
+    source = write(tmp_path, [named, *GOOD])
+    write_jsonl(tmp_path / "chats.jsonl", [named, *GOOD])
+
+    from_arrow = prepare_dataset(load_rows(source), out_dir=tmp_path / "arrow", drop_invalid=True)
+    from_jsonl = prepare(tmp_path / "chats.jsonl", tmp_path / "jsonl", drop_invalid=True)
+
+    assert [(p.row, p.field) for p in from_arrow.first_problems] == [(0, "messages[0].name")]
+    assert from_arrow.train_file.sha256 == from_jsonl.train_file.sha256
+    assert from_arrow.test_file.sha256 == from_jsonl.test_file.sha256
+
+
+def test_a_damaged_page_of_a_parquet_file_is_an_error_naming_the_file_and_the_row_reading_stopped_at(
+    tmp_path: Path,
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.Table.from_pylist(GOOD * 1000), path, row_group_size=2500)
+    offset = pq.ParquetFile(path).metadata.row_group(3).column(1).data_page_offset
+    damaged = bytearray(path.read_bytes())
+    damaged[offset : offset + 16] = b"\xff" * 16  # the page header of the last row group's content column
+    path.write_bytes(bytes(damaged))
+
+    with pytest.raises(
+        DatasetSourceError, match=r"chats\.parquet cannot be read from row \d+ on, the file is damaged"
+    ):
+        prepare(path, tmp_path / "out")
+
+
+def test_a_raw_tab_inside_a_string_is_named_with_its_column_and_how_to_escape_it(tmp_path: Path) -> None:
+    path = write_jsonl(
+        tmp_path / "chats.jsonl", [*GOOD, b'{"messages": [{"role": "user", "content": "a\tb"}]}']
+    )
+
+    with pytest.raises(InvalidDatasetError) as raised:
+        prepare(path, tmp_path / "out")
+
+    assert str(raised.value.report.first_problems[0]) == (
+        "chats.jsonl line 11: not valid JSON: a raw control character (U+0009) inside a string at column 45; "
+        "JSON needs it escaped (\\t, \\n, \\u0000)"
+    )
