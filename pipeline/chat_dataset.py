@@ -205,9 +205,9 @@ def _read_path(path: Path, split: str | None, skip: int) -> RowReader:
         return skipped
     elif not path.exists():
         raise DatasetSourceError(f"dataset file {path} does not exist; check dataset.files")
-    elif path.suffix == ".jsonl":
+    elif path.suffix.lower() == ".jsonl":  # Windows tools write CHATS.JSONL as readily
         return (yield from _read_jsonl(path, skip))
-    elif path.suffix == ".parquet":
+    elif path.suffix.lower() == ".parquet":
         return (yield from _read_parquet(path, skip))
     else:
         raise DatasetSourceError(
@@ -222,7 +222,7 @@ def _is_saved_dataset(directory: Path) -> bool:
 
 def _members(directory: Path) -> list[Path]:
     """The files read from a directory that was not saved with ``datasets``."""
-    return sorted(p for p in directory.iterdir() if p.suffix in (".jsonl", ".parquet"))
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in (".jsonl", ".parquet"))
 
 
 def is_dataset_folder(directory: Path) -> bool:

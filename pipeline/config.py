@@ -522,7 +522,7 @@ def _dataset_file_problem(name: str) -> str | None:
         )
     if not _is_file(path):
         return f"no such file: {_shown(name)}"
-    if not name.endswith((".jsonl", ".parquet")):
+    if not name.lower().endswith((".jsonl", ".parquet")):
         return (
             "must be a .jsonl or .parquet file, or a folder of them, or one saved with datasets' save_to_disk"
         )

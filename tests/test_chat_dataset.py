@@ -751,3 +751,28 @@ def test_a_raw_tab_inside_a_string_is_named_with_its_column_and_how_to_escape_it
         "chats.jsonl line 11: not valid JSON: a raw control character (U+0009) inside a string at column 45; "
         "JSON needs it escaped (\\t, \\n, \\u0000)"
     )
+
+
+def test_upper_case_suffixes_are_read_directly_in_the_run_config_and_in_a_folder(tmp_path):
+    # Windows tools write CHATS.JSONL as readily as chats.jsonl: in a folder, such files were skipped
+    # without a word; named directly, the run config refused them.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.config import parse_run_config
+    from settings import AppSettings
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    write_jsonl(folder / "A.JSONL", GOOD[:5])
+    pq.write_table(pa.Table.from_pylist(GOOD[5:]), folder / "B.Parquet")
+
+    rows = list(load_rows(LocalFiles(paths=[folder])))
+    direct = list(load_rows(folder / "A.JSONL"))
+    cfg = parse_run_config(
+        {"preset": "smoke", "dataset": {"files": [str(folder / "A.JSONL"), str(folder)]}},
+        AppSettings(PHI3_BACKEND="local"),
+    )
+
+    assert [r.value for r in rows] == GOOD and [r.value for r in direct] == GOOD[:5]
+    assert cfg.dataset.files == [str(folder / "A.JSONL"), str(folder)]
