@@ -120,6 +120,21 @@ def test_full_finetuning_updates_every_weight(tiny_setup):
     assert unchanged == []
 
 
+def test_a_single_step_run_with_warmup_still_trains(tiny_setup):
+    model_dir, tokenizer, encoded = tiny_setup
+    model = load_trainable_model(model_dir, lora=LoraSettings(dropout=0.0), seed=0, device=CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    settings = LoopSettings(
+        learning_rate=1e-3, warmup_ratio=0.1, per_device_train_batch_size=64, max_seq_length=128
+    )
+
+    final = train(model, encoded[:8], settings, device=CPU, pad_token_id=tokenizer.pad_token_id)
+
+    assert final.total_steps == 1
+    changed = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, before[n])]
+    assert changed
+
+
 def test_lora_training_leaves_the_base_weights_untouched(tiny_setup):
     model_dir, tokenizer, encoded = tiny_setup
     model = load_trainable_model(model_dir, lora=LoraSettings(dropout=0.0), seed=0, device=CPU)
