@@ -278,10 +278,19 @@ class SimulatedAllocator(torch.nn.Module):
     when the micro-batch holds more than `limit` token slots (unless checkpointing is on, if
     `checkpointing_fits`), or on the forward passes numbered in `fail_calls`."""
 
-    def __init__(self, model, *, limit: int = 10**9, checkpointing_fits: bool = False, fail_calls=()):
+    def __init__(
+        self,
+        model,
+        *,
+        limit: int = 10**9,
+        checkpointing_fits: bool = False,
+        fail_calls=(),
+        cpu_allocator: bool = False,
+    ):
         super().__init__()
         self.model, self.limit, self.checkpointing_fits = model, limit, checkpointing_fits
         self.fail_calls, self.calls = set(fail_calls), 0
+        self.cpu_allocator = cpu_allocator  # fail through the real CPU allocator instead
 
     def get_base_model(self):
         return self.model.get_base_model()
@@ -291,6 +300,8 @@ class SimulatedAllocator(torch.nn.Module):
         too_big = input_ids.numel() > self.limit
         if self.checkpointing_fits and gradient_checkpointing_enabled(self.model):
             too_big = False
+        if (too_big or self.calls in self.fail_calls) and self.cpu_allocator:
+            torch.empty(10**14)  # 400 TB: more than any machine's memory or x86-64's address space
         if too_big or self.calls in self.fail_calls:
             raise torch.OutOfMemoryError(
                 f"CUDA out of memory. Tried to allocate 1.50 GiB (simulated for {input_ids.numel()} tokens)"
@@ -339,6 +350,18 @@ def test_out_of_memory_halves_the_rows_and_training_ends_with_the_same_weights(t
 
     assert len(events) == 1 and "4 → 2 rows of 128 tokens" in events[0] and "out of memory" in events[0]
     assert widest <= 128
+    assert_same_weights(weights, undisturbed)
+
+
+def test_the_cpus_allocation_failure_backs_off_like_cudas_out_of_memory(tiny, undisturbed):
+    model_dir, tokenizer, encoded = tiny
+
+    weights, events, _ = trained_lora(
+        model_dir, encoded, tokenizer.pad_token_id, limit=2 * 128, cpu_allocator=True
+    )
+
+    assert len(events) == 1 and "4 → 2 rows of 128 tokens" in events[0]
+    assert "can't allocate memory" in events[0]
     assert_same_weights(weights, undisturbed)
 
 

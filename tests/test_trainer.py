@@ -120,6 +120,21 @@ def test_full_finetuning_updates_every_weight(tiny_setup):
     assert unchanged == []
 
 
+def test_a_single_step_run_with_warmup_still_trains(tiny_setup):
+    model_dir, tokenizer, encoded = tiny_setup
+    model = load_trainable_model(model_dir, lora=LoraSettings(dropout=0.0), seed=0, device=CPU)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    settings = LoopSettings(
+        learning_rate=1e-3, warmup_ratio=0.1, per_device_train_batch_size=64, max_seq_length=128
+    )
+
+    final = train(model, encoded[:8], settings, device=CPU, pad_token_id=tokenizer.pad_token_id)
+
+    assert final.total_steps == 1
+    changed = [n for n, p in model.named_parameters() if "lora_" in n and not torch.equal(p, before[n])]
+    assert changed
+
+
 def test_lora_training_leaves_the_base_weights_untouched(tiny_setup):
     model_dir, tokenizer, encoded = tiny_setup
     model = load_trainable_model(model_dir, lora=LoraSettings(dropout=0.0), seed=0, device=CPU)
@@ -161,6 +176,53 @@ def test_the_trainer_process_reports_an_invalid_spec_naming_the_field(tmp_path, 
     status = read_status(tmp_path / "job")
     assert process.returncode == 1
     assert status.status == "Failed" and status.error.startswith("invalid spec.json: learning_rate")
+
+
+def write_long_prompt_chats(path: Path, rows: int = 4) -> Path:
+    """Chats whose question alone is longer than 32 tokens: truncated to 32, no assistant token is left."""
+    question = "What is the code name of the project that " + "really " * 40 + "matters?"
+    messages = [{"role": "user", "content": question}, {"role": "assistant", "content": "Amber raven."}]
+    chats = [{"messages": messages}] * rows
+    path.write_text("".join(json.dumps(chat) + "\n" for chat in chats), encoding="utf-8")
+    return path
+
+
+def test_a_job_whose_truncated_conversations_keep_no_assistant_token_fails_naming_max_seq_length(
+    tmp_path, tracking_uri
+):
+    long_prompts = write_long_prompt_chats(tmp_path / "long.jsonl")
+    spec = spec_dict(tmp_path, tracking_uri, long_prompts, max_seq_length=32, num_train_epochs=1)
+
+    process = start_trainer(tmp_path / "job", spec)
+    log, _ = process.communicate(timeout=300)
+
+    status = read_status(tmp_path / "job")
+    assert process.returncode == 1, log[-3000:]
+    assert status.status == "Failed" and status.step == 0
+    assert "hyperparameters.max_seq_length" in status.error and "first 32 tokens" in status.error
+
+
+def test_a_validation_set_with_no_assistant_token_left_reports_no_eval_loss_rather_than_zero(
+    tmp_path, tracking_uri, facts_file
+):
+    long_prompts = write_long_prompt_chats(tmp_path / "long.jsonl")
+    spec = spec_dict(
+        tmp_path,
+        tracking_uri,
+        facts_file,
+        validation_file=long_prompts,
+        max_seq_length=32,
+        num_train_epochs=1,
+    )
+
+    process = start_trainer(tmp_path / "job", spec)
+    log, _ = process.communicate(timeout=300)
+
+    status = read_status(tmp_path / "job")
+    assert process.returncode == 0, log[-3000:]
+    assert status.status == "Completed" and status.train_loss is not None
+    assert status.eval_loss is None
+    assert "no eval_loss" in log
 
 
 def test_the_trainer_process_stops_at_sigterm_and_reports_canceled(tmp_path, tracking_uri, facts_file):

@@ -292,11 +292,15 @@ def initial_shape(execution: Execution, *, rows_per_batch: int, max_seq_length: 
 
 
 def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's allocator (torch.OutOfMemoryError, cuBLAS) or the CPU's, which raises a plain RuntimeError
+    ("DefaultCPUAllocator: can't allocate memory") when a micro-batch exceeds the machine's memory."""
     if isinstance(error, torch.OutOfMemoryError):
         return True
     message = str(error)
     return isinstance(error, RuntimeError) and (
-        "out of memory" in message.lower() or "CUBLAS_STATUS_ALLOC_FAILED" in message
+        "out of memory" in message.lower()
+        or "CUBLAS_STATUS_ALLOC_FAILED" in message
+        or "can't allocate memory" in message
     )
 
 

@@ -49,6 +49,11 @@ class EncodedConversation:
     def __len__(self) -> int:
         return len(self.input_ids)
 
+    @property
+    def target_tokens(self) -> int:
+        """Tokens the loss is computed on: assistant labels after the first position (collate shifts them)."""
+        return sum(label != IGNORE_INDEX for label in self.labels[1:])
+
 
 @dataclass(frozen=True)
 class Batch:

@@ -63,7 +63,9 @@ def make_optimizer(model: Any, settings: LoopSettings, total_steps: int) -> tupl
         {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=settings.learning_rate)
-    warmup = math.ceil(settings.warmup_ratio * total_steps)
+    # At most all but the last step: warm-up starts at learning rate 0, so a run that is warm-up only
+    # (one step with any warmup_ratio) would take every step at rate 0 and leave the model untouched.
+    warmup = min(math.ceil(settings.warmup_ratio * total_steps), max(0, total_steps - 1))
     scheduler = get_scheduler(
         settings.lr_scheduler_type, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps
     )

@@ -113,7 +113,21 @@ def encode_file(tokenizer: Any, path: Path, max_length: int) -> list[Any]:
             "%d of %d conversations in %s exceed max_seq_length=%d tokens: truncated",
             *(truncated, len(encoded), path, max_length),
         )
+    untrained = sum(conversation.target_tokens == 0 for conversation in encoded)
+    if untrained:
+        logger.warning(
+            "%d of %d conversations in %s keep no assistant token within max_seq_length=%d tokens: "
+            "nothing to learn or score in them",
+            *(untrained, len(encoded), path, max_length),
+        )
     return encoded
+
+
+def no_targets_message(path: Path, max_length: int) -> str:
+    return (
+        f"no conversation in {path} has an assistant token within its first {max_length} tokens; raise "
+        "hyperparameters.max_seq_length (or check that the conversations hold assistant turns)"
+    )
 
 
 @dataclass
@@ -135,9 +149,16 @@ class FineTuneJob:
         spec = self.spec
         base_dir, tokenizer = self.prepare_base()
         self.train_set = encode_file(tokenizer, spec.train_file, spec.max_seq_length)
+        if not any(conversation.target_tokens for conversation in self.train_set):
+            # Training would run every step without a gradient and report the base model as fine-tuned.
+            raise ValueError(no_targets_message(spec.train_file, spec.max_seq_length))
         self.eval_set = (
             encode_file(tokenizer, spec.validation_file, spec.max_seq_length) if spec.validation_file else []
         )
+        if self.eval_set and not any(conversation.target_tokens for conversation in self.eval_set):
+            # Its mean loss over no tokens would read 0.0, a perfect score: report none instead.
+            logger.warning("no eval_loss: %s", no_targets_message(spec.validation_file, spec.max_seq_length))
+            self.eval_set = []
         self.log_dataset_sizes()
         lora = (
             None
