@@ -365,6 +365,26 @@ def test_the_cpus_allocation_failure_backs_off_like_cudas_out_of_memory(tiny, un
     assert_same_weights(weights, undisturbed)
 
 
+def test_evaluation_out_of_memory_halves_its_rows_and_scores_the_same(tiny, caplog):
+    # After training fitted, evaluation must not end the job: it goes on with fewer rows per batch.
+    from backends.local.packing import mean_token_loss
+
+    model_dir, tokenizer, encoded = tiny
+    model = lora(model_dir)
+    options = {"row_length": 128, "pad_token_id": tokenizer.pad_token_id, "device": CPU}
+
+    expected = mean_token_loss(model, encoded, rows_per_batch=1, **options)
+    with caplog.at_level("WARNING", logger="backends.local.packing"):
+        got = mean_token_loss(
+            SimulatedAllocator(model, limit=128, cpu_allocator=True), encoded, rows_per_batch=4, **options
+        )
+
+    assert got == pytest.approx(expected, rel=1e-5)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and "4 → 2 rows a batch" in said[0] and "2 → 1 rows" in said[1]
+    assert "can't allocate memory" in said[0] and model.training  # left as it was found
+
+
 def test_a_failure_in_a_later_micro_batch_discards_the_steps_partial_gradients(tiny, undisturbed):
     model_dir, tokenizer, encoded = tiny
 
