@@ -29,7 +29,7 @@ from settings import AppSettings
 from tests.fake_arm import seed
 from tests.fake_arm.azure import FakeAzure
 from tests.fake_arm.hosting import RESOURCE_GROUP, WORKSPACE, AzureHost
-from tests.support.polling import wait_for
+from tests.support.polling import bind_when_free, wait_for
 from tests.test_scoring_server import log_test_models
 
 NOW = datetime.now(UTC).replace(microsecond=0)
@@ -132,14 +132,6 @@ def test_local_dry_run_reports_what_it_would_delete_and_deletes_nothing(local: L
     assert summary.deleted == [] and local_endpoints(local) == {"ep-expired"}
 
 
-def _bound(sock: socket.socket, port: int) -> bool:
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    return True
-
-
 @pytest.fixture
 def local_with_model(tmp_path: Path):
     """A local backend whose own MLflow registry holds the test model ``echo``, and its URI."""
@@ -166,7 +158,7 @@ def test_an_endpoint_whose_server_cannot_start_again_is_still_deleted(local_with
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         # The port frees once the killed server's last thread (its model loader) is gone.
-        wait_for(lambda: _bound(squatter, before.port), timeout=60, what=f"port {before.port} to free")
+        bind_when_free(squatter, before.port)
         squatter.listen()
         assert local.get_endpoint(name).provisioning_state == "Failed"
 

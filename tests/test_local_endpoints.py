@@ -28,7 +28,7 @@ from backends.local.endpoints import (
 from backends.protocol import BackendError
 from backends.scoring import ScoringAuthError, chat_sync
 from settings import AppSettings
-from tests.support.polling import wait_for
+from tests.support.polling import bind_when_free, wait_for
 from tests.support.redaction import leaked_pieces
 from tests.test_scoring_server import ModelStore, log_test_models
 
@@ -341,7 +341,7 @@ def test_a_server_that_cannot_start_says_why_before_anything_else(endpoints, end
     os.kill(before.pid, signal.SIGKILL)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        wait_for(lambda: _bound(squatter, before.port), timeout=60, what=f"port {before.port} to free")
+        bind_when_free(squatter, before.port)
         squatter.listen()
 
         with pytest.raises(EndpointServerError) as raised:
@@ -352,14 +352,6 @@ def test_a_server_that_cannot_start_says_why_before_anything_else(endpoints, end
     assert f"cannot listen on 127.0.0.1:{before.port}" in first_line, first_line
     assert "GET /health" not in str(raised.value)  # the previous server's lines are not this start's
     assert str(endpoints.root / endpoint_name / "logs" / "server.log") in str(raised.value)
-
-
-def _bound(sock: socket.socket, port: int) -> bool:
-    try:
-        sock.bind(("127.0.0.1", port))
-    except OSError:
-        return False
-    return True
 
 
 def test_a_server_that_never_comes_up_is_stopped_not_left_behind(tmp_path, store):

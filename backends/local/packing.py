@@ -415,11 +415,26 @@ def mean_token_loss(
     than the training's backed-off ones), it starts over with half the rows per batch, down to one."""
     from backends.local.accelerator import is_out_of_memory, release_memory
 
+    def mean_loss(rows_per_batch: int) -> float:
+        micro_batches = plan_epoch(
+            conversations, row_length=row_length, rows_per_batch=rows_per_batch, packing=True, seed=0
+        )
+        was_training, total, targets = model.training, 0.0, 0
+        model.eval()
+        try:
+            with torch.no_grad(), autocast_for(device, bf16):
+                for rows in micro_batches:
+                    rows_of = [[conversations[i] for i in row] for row in rows]
+                    batch = collate(rows_of, pad_token_id, flat=flat, max_length=row_length)
+                    total += float(token_losses(model, batch.to(device)).sum())
+                    targets += batch.target_tokens
+        finally:
+            model.train(was_training)
+        return total / max(1, targets)
+
     while True:
         try:
-            return _mean_token_loss(
-                model, conversations, row_length, rows_per_batch, pad_token_id, device, flat, bf16
-            )
+            return mean_loss(rows_per_batch)
         except RuntimeError as error:  # torch.OutOfMemoryError is a RuntimeError
             if rows_per_batch == 1 or not is_out_of_memory(error):
                 raise
@@ -428,30 +443,3 @@ def mean_token_loss(
         halved = rows_per_batch // 2
         logger.warning("evaluation out of memory (%s); %d → %d rows a batch", failure, rows_per_batch, halved)
         rows_per_batch = halved
-
-
-def _mean_token_loss(
-    model: Any,
-    conversations: Sequence[EncodedConversation],
-    row_length: int,
-    rows_per_batch: int,
-    pad_token_id: int,
-    device: torch.device,
-    flat: bool,
-    bf16: bool | None,
-) -> float:
-    micro_batches = plan_epoch(
-        conversations, row_length=row_length, rows_per_batch=rows_per_batch, packing=True, seed=0
-    )
-    was_training, total, targets = model.training, 0.0, 0
-    model.eval()
-    try:
-        with torch.no_grad(), autocast_for(device, bf16):
-            for rows in micro_batches:
-                rows_of = [[conversations[i] for i in row] for row in rows]
-                batch = collate(rows_of, pad_token_id, flat=flat, max_length=row_length)
-                total += float(token_losses(model, batch.to(device)).sum())
-                targets += batch.target_tokens
-    finally:
-        model.train(was_training)
-    return total / max(1, targets)
