@@ -1,5 +1,6 @@
 """Evaluate a chat model on held-out conversations: ROUGE-L and F1 against the reference answer
-(azure-ai-evaluation's evaluators), answer length, errors and latency.
+(F1 is azure-ai-evaluation's evaluator; ROUGE-L is computed here, see ``rouge_l``), answer length,
+errors and latency.
 
 Each test conversation is cut before its last assistant turn; the model answers the conversation so
 far and its answer is scored against that reference turn. ``answer`` is any callable from messages
@@ -10,6 +11,7 @@ code scores base and fine-tuned; ``evaluate_base_vs_finetuned`` puts the two sid
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections import Counter
@@ -78,16 +80,43 @@ def load_eval_cases(test_file: Path, sample_size: int) -> list[tuple[list[dict[s
     return cases
 
 
+# Words of any script, lower-cased; Chinese and Japanese characters one by one (no spaces between words).
+_CJK = "\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+_TOKEN = re.compile(f"[{_CJK}]|[^\\W_{_CJK}]+")
+
+
+def rouge_tokens(text: str) -> list[str]:
+    return _TOKEN.findall(text.lower())
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure: the longest common subsequence of words, over answer and reference lengths.
+
+    As azure-ai-evaluation's RougeScoreEvaluator for ASCII text (lower-cased runs of letters and digits),
+    but its tokenizer keeps only ``[a-z0-9]``, so an answer in Cyrillic, Greek, Chinese, ... has no words
+    and scores 0.0 even when it is the reference word for word.
+    """
+    ans, ref = rouge_tokens(answer), rouge_tokens(reference)
+    if not ans or not ref:
+        return 0.0
+    previous = [0] * (len(ref) + 1)
+    for word in ans:
+        current = [0]
+        for j, ref_word in enumerate(ref):
+            current.append(previous[j] + 1 if word == ref_word else max(previous[j + 1], current[j]))
+        previous = current
+    lcs = previous[-1]
+    if lcs == 0:
+        return 0.0
+    precision, recall = lcs / len(ans), lcs / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
 def _scorers():
     ensure_promptflow_configured(get_settings().state_dir)  # azure-ai-evaluation imports promptflow
-    from azure.ai.evaluation import F1ScoreEvaluator, RougeScoreEvaluator, RougeType
+    from azure.ai.evaluation import F1ScoreEvaluator
 
-    rouge, f1 = RougeScoreEvaluator(rouge_type=RougeType.ROUGE_L), F1ScoreEvaluator()
-
-    def rouge_l(answer: str, ref: str) -> float:
-        result = rouge(response=answer, ground_truth=ref)
-        return result.get("rouge_f1_score", result.get("rouge_score"))  # the F-measure of ROUGE-L
-
+    f1 = F1ScoreEvaluator()
     return (rouge_l, lambda answer, ref: f1(response=answer, ground_truth=ref)["f1_score"])
 
 

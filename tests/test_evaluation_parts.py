@@ -125,3 +125,30 @@ def test_rows_of_other_questions_are_not_reused(tmp_path, clock):
 
     assert isinstance(done, ModelComparison) and done.finetuned.rows == 5 and done.base is None
     assert models.asked[("finetuned", "question 1?")] == 2  # the test split changed: all asked anew
+
+
+def test_answers_in_other_scripts_are_scored_on_their_words(tmp_path):
+    # The reference word for word scores 1.0 in any script (azure-ai-evaluation's ROUGE tokenizer keeps
+    # only [a-z0-9], which left a Russian or Chinese answer no words and a score of 0.0); word order
+    # counts as in English: 2 of 3 words in sequence is precision = recall = 2/3.
+    cases = [
+        ([{"role": "user", "content": "Столица России?"}], "Москва — столица России."),
+        ([{"role": "user", "content": "Где столица?"}], "Москва — столица России."),
+        ([{"role": "user", "content": "你好吗？"}], "我很好，谢谢。"),
+    ]
+    answers = {
+        "Столица России?": "Москва — столица России.",
+        "Где столица?": "Столица России — Москва",
+        "你好吗？": "我很好，谢谢。",
+    }
+
+    done = evaluate_base_vs_finetuned(
+        cases, lambda messages: answers[messages[-1]["content"]], None, out_dir=tmp_path
+    )
+
+    assert isinstance(done, ModelComparison)
+    rows = [
+        json.loads(line) for line in (tmp_path / "finetuned.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
+    assert [row["rouge_l"] for row in rows] == [1.0, 0.6667, 1.0]
+    assert done.finetuned.rouge_l == round((1.0 + 0.6667 + 1.0) / 3, 4)
