@@ -68,10 +68,16 @@ class ModelComparison(BaseModel):
     rows_file: str
 
 
+def jsonl_lines(path: Path) -> list[str]:
+    """The file's lines, split at "\\n" only: JSON written with ``ensure_ascii=False`` (the test split,
+    the rows) keeps U+2028, U+2029 and U+0085 raw inside strings, where ``str.splitlines()`` would cut."""
+    return [line for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
+
+
 def load_eval_cases(test_file: Path, sample_size: int) -> list[tuple[list[dict[str, str]], str]]:
     """The first ``sample_size`` conversations (deterministic), as (prompt messages, reference)."""
     cases: list[tuple[list[dict[str, str]], str]] = []
-    for line in test_file.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(test_file):
         if len(cases) >= sample_size:
             break
         messages = json.loads(line)["messages"]
@@ -157,7 +163,7 @@ def rows_done(path: Path, cases: list[tuple[list[dict[str, str]], str]]) -> list
     if not path.is_file():
         return []
     rows: list[EvalRow] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in jsonl_lines(path):
         try:
             row = EvalRow.model_validate_json(line)
         except ValueError:

@@ -17,7 +17,7 @@ from collections import Counter
 import pytest
 
 import pipeline.evaluation as evaluation
-from pipeline.evaluation import EvalProgress, ModelComparison, evaluate_base_vs_finetuned
+from pipeline.evaluation import EvalProgress, ModelComparison, evaluate_base_vs_finetuned, load_eval_cases
 
 CASES = [([{"role": "user", "content": f"question {i}?"}], f"answer {i}") for i in range(5)]
 
@@ -152,3 +152,29 @@ def test_answers_in_other_scripts_are_scored_on_their_words(tmp_path):
     ]
     assert [row["rouge_l"] for row in rows] == [1.0, 0.6667, 1.0]
     assert done.finetuned.rouge_l == round((1.0 + 0.6667 + 1.0) / 3, 4)
+
+
+def test_a_line_separator_inside_a_message_neither_breaks_the_test_split_nor_the_rows_kept(tmp_path, clock):
+    # The test split and the rows are JSON written with ensure_ascii=False: U+2028 (text pasted from the
+    # web) stays raw inside a string, and only "\n" ends a line.
+    conversations = [
+        [{"role": "user", "content": f"question {i}?\u2028"}, {"role": "assistant", "content": f"answer {i}"}]
+        for i in range(3)
+    ]
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text(
+        "".join(json.dumps({"messages": m}, ensure_ascii=False) + "\n" for m in conversations),
+        encoding="utf-8",
+    )
+    models = Models()
+
+    cases = load_eval_cases(test_file, sample_size=10)
+    first = evaluate_base_vs_finetuned(cases, models.answerer("finetuned"), None, out_dir=tmp_path, until=1)
+    clock()
+    done = evaluate_base_vs_finetuned(cases, models.answerer("finetuned"), None, out_dir=tmp_path)
+
+    assert [prompt for prompt, _ in cases] == [m[:1] for m in conversations]
+    assert [case[1] for case in cases] == ["answer 0", "answer 1", "answer 2"]
+    assert isinstance(first, EvalProgress) and first.finetuned_rows == 2
+    assert isinstance(done, ModelComparison) and done.finetuned.rows == 3
+    assert set(models.asked.values()) == {1} and len(models.asked) == 3  # none asked again
