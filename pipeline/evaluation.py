@@ -95,27 +95,23 @@ def rouge_tokens(text: str) -> list[str]:
     return _TOKEN.findall(text.lower())
 
 
-def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F-measure: the longest common subsequence of words, over answer and reference lengths.
+class _AnyScript:
+    """rouge_score's tokenizer interface, for words of any script (``rouge_tokens``)."""
 
-    As azure-ai-evaluation's RougeScoreEvaluator for ASCII text (lower-cased runs of letters and digits),
-    but its tokenizer keeps only ``[a-z0-9]``, so an answer in Cyrillic, Greek, Chinese, ... has no words
-    and scores 0.0 even when it is the reference word for word.
+    @staticmethod
+    def tokenize(text: str) -> list[str]:
+        return rouge_tokens(text)
+
+
+def rouge_l(answer: str, reference: str) -> float:
+    """ROUGE-L F-measure (the longest common subsequence of words), by the ``rouge_score`` that
+    azure-ai-evaluation's RougeScoreEvaluator runs, with a tokenizer for any script: its own keeps only
+    ``[a-z0-9]``, so an answer in Cyrillic, Greek, Chinese, ... had no words and scored 0.0 even when it
+    was the reference word for word. ASCII text scores as it does there.
     """
-    ans, ref = rouge_tokens(answer), rouge_tokens(reference)
-    if not ans or not ref:
-        return 0.0
-    previous = [0] * (len(ref) + 1)
-    for word in ans:
-        current = [0]
-        for j, ref_word in enumerate(ref):
-            current.append(previous[j] + 1 if word == ref_word else max(previous[j + 1], current[j]))
-        previous = current
-    lcs = previous[-1]
-    if lcs == 0:
-        return 0.0
-    precision, recall = lcs / len(ans), lcs / len(ref)
-    return 2 * precision * recall / (precision + recall)
+    from azure.ai.evaluation._vendor.rouge_score.rouge_scorer import RougeScorer
+
+    return RougeScorer(["rougeL"], tokenizer=_AnyScript()).score(reference, answer)["rougeL"].fmeasure
 
 
 def _scorers():
