@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
-
 from activities.integrate import flow_runner
 from activities.steps import StepInput, prepared_here, run_dir
 from backends.protocol import MLBackend, ResourceRef
+from pipeline import evaluation
 from pipeline.config import BASE_DEPLOYMENT
 from pipeline.evaluation import EvalProgress, evaluate_base_vs_finetuned, load_eval_cases
 from pipeline.steps import StepResult
@@ -33,6 +32,9 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
     cfg = inp.config.evaluation
     if not cfg.enabled:
         return StepResult(skipped="evaluation.enabled is false")
+    # From the call's start: preparing the dataset again on this host (up to DATASET_CALL_BUDGET_S) is
+    # part of it, or a call could run past functionTimeout (the first question is asked all the same).
+    until = evaluation.monotonic() + get_settings().evaluation_call_budget_s
     files = prepared_here(inp, backend)
     if isinstance(files, StepResult):
         return files
@@ -47,7 +49,7 @@ def evaluate(inp: StepInput, backend: MLBackend) -> StepResult:
         base.answer_conversation if base else None,
         out_dir=run_dir(inp.run_id) / "evaluation",
         base_skipped=None if base else "no base model deployment (see the base_deployment step)",
-        until=time.monotonic() + get_settings().evaluation_call_budget_s,
+        until=until,
     )
     if isinstance(comparison, EvalProgress):  # the orchestrator calls again after a durable timer
         return StepResult(pending=str(comparison))

@@ -368,3 +368,46 @@ def test_the_smoke_tests_ask_the_test_splits_first_question_on_a_host_without_th
     question = call(lambda inp, backend: first_question(inp), "r", prepared)
 
     assert question == asked_here and question.startswith("question ")
+
+
+NAMES = {"names": {"endpoint": "e", "deployment": "d"}}
+
+
+def test_evaluations_budget_counts_from_the_calls_start_so_preparing_again_is_part_of_it(
+    tmp_path, app_settings, monkeypatch
+):
+    # One call must end within functionTimeout: preparing the dataset again on this host (up to
+    # DATASET_CALL_BUDGET_S) leaves the evaluation only what remains of its budget, and the call hands
+    # back after the one question every call asks.
+    import activities.evaluate as evaluate_module
+    import pipeline.evaluation
+
+    call = dataset_step(tmp_path, ROWS)
+    prepared = call(prepare_dataset_step, "r").outputs
+    Path(prepared["dataset"]["test_file"]["path"]).unlink()  # prepared by another host instance
+    now = [0.0]
+    monkeypatch.setattr(pipeline.evaluation, "monotonic", lambda: now[0])
+    real_prepared_here = evaluate_module.prepared_here
+
+    def preparing_takes_400_s(inp, backend):
+        files = real_prepared_here(inp, backend)
+        now[0] += 400  # more than EVALUATION_CALL_BUDGET_S (360)
+        return files
+
+    asked = []
+
+    class Flow:  # the deployed flow (tests/test_pipeline_e2e.py runs the real one end to end)
+        @staticmethod
+        def answer_conversation(messages):
+            asked.append(messages[-1]["content"])
+            return "an answer"
+
+    monkeypatch.setattr(evaluate_module, "prepared_here", preparing_takes_400_s)
+    monkeypatch.setattr(evaluate_module, "flow_runner", lambda backend, inp, deployment: Flow())
+
+    def evaluate(inp, backend):
+        return evaluate_module.evaluate(inp.model_copy(update=NAMES), backend)
+
+    result = call(evaluate, "r", prepared)
+
+    assert result.pending and len(asked) == 1
