@@ -202,6 +202,10 @@ def build_summary(
         cleanup=outputs.get("cleanup"),
         abridged=bool(progress.get("abridged")),
     )
+    # A wait instance ``<run>:<step>`` outlives its run: re-submitting a run id finds the previous
+    # attempt's monitors. Only a wait this run has reached is its own.
+    reached = {s["name"] for s in summary.steps if s.get("status") not in (None, "pending", "skipped")}
+    waits = {step: live for step, live in waits.items() if step in reached}
     if summary.status in ("Running", "Pending"):
         _merge_live_waits(summary, waits)
     job = {"name": names.get("job"), **(outputs.get("wait_for_finetune") or {})}
