@@ -221,7 +221,21 @@ def build_summary(
         summary.error = {"step": summary.current_step, "message": status.get("output")}
     if summary.status == "Terminated":
         summary.error = {"step": summary.current_step, "message": f"canceled: {status.get('output')}"}
+    if summary.status in ENDED:
+        _end_running_steps(summary)
     return summary
+
+
+# Runtime statuses after which the orchestrator never runs again, so never publishes a step's end.
+ENDED = ("Failed", "Terminated", "Canceled")
+
+
+def _end_running_steps(summary: RunSummary) -> None:
+    """A run terminated mid-step (or failed outside a step) left that step "running" in its status."""
+    for step in summary.steps:
+        if step.get("status") == "running":
+            step["status"] = "failed"
+            step["error"] = step.get("error") or (summary.error or {}).get("message") or summary.status
 
 
 def _merge_live_waits(summary: RunSummary, waits: dict[str, dict[str, Any]]) -> None:

@@ -150,3 +150,15 @@ def test_the_live_wait_of_the_run_is_shown_once_it_reached_the_wait():
 
     assert summary.job == {"name": "ft-again-job", **live}
     assert summary.steps[STEP_ORDER.index("wait_for_finetune")]["live"] == live
+
+
+def test_a_run_canceled_mid_step_shows_that_step_ended_not_running():
+    view = status_view(running_at("wait_for_finetune"))
+    status = {"runtimeStatus": "Terminated", "customStatus": view, "output": "canceled by user"}
+
+    summary = build_summary("ft-again", status, {"wait_for_finetune": {"polls": 3, "status": "Running"}})
+
+    step = summary.steps[STEP_ORDER.index("wait_for_finetune")]
+    assert (step["status"], step["error"]) == ("failed", "canceled: canceled by user")
+    assert not [s["name"] for s in summary.steps if s["status"] == "running"]
+    assert summary.error == {"step": "wait_for_finetune", "message": "canceled: canceled by user"}
