@@ -96,6 +96,7 @@ async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationC
             },
             409,
         )
+    await _terminate_waits(client, run_id, "its run was started again")
     names = RunNames.for_run(run_id, cfg)
     pipeline_input = PipelineInput(run_id=run_id, backend=settings.backend, config=cfg, names=vars(names))
     await client.start_new(PIPELINE, run_id, pipeline_input.model_dump(mode="json"))
@@ -223,10 +224,7 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
     # Azure queues the termination: an episode already running still commits what it scheduled (a wait's
     # monitor, a job submission). Look for children and the job once the run reads as ended.
     await _until_ended(client, run_id)
-    for step in WAIT_STEPS:  # children are not terminated with their parent
-        child = await client.get_status(wait_instance_id(run_id, step))
-        if child and child.runtime_status and child.runtime_status.name in ACTIVE:
-            await client.terminate(wait_instance_id(run_id, step), "run canceled")
+    await _terminate_waits(client, run_id, "run canceled")
     names = (status.custom_status or {}).get("names", {}) if isinstance(status.custom_status, dict) else {}
     job_name = names.get("job")
     job = None
@@ -238,6 +236,16 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
 
 
 CANCEL_WAIT_S = 20.0
+
+
+async def _terminate_waits(client: df.DurableOrchestrationClient, run_id: str, reason: str) -> None:
+    """Children are not terminated with their parent: a run ended through Durable's own terminate (the
+    check-status payload's ``terminatePostUri``) leaves its wait polling until its deadline, and a run
+    started again under its id could not start that wait (its instance id is taken)."""
+    for step in WAIT_STEPS:
+        child = await client.get_status(wait_instance_id(run_id, step))
+        if child and child.runtime_status and child.runtime_status.name in ACTIVE:
+            await client.terminate(wait_instance_id(run_id, step), reason)
 
 
 async def _until_ended(client: df.DurableOrchestrationClient, run_id: str) -> None:
