@@ -140,6 +140,10 @@ async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) 
     # backend (one read per request for a finished run; a running run shows the name only).
     if summary.status not in ACTIVE and summary.endpoint and summary.endpoint.get("name"):
         summary.endpoint.update(await _from_backend("the endpoint", _endpoint_now, summary.endpoint["name"]))
+    # The job's status comes from its wait's last poll; a run that ended during (or at the deadline of)
+    # that wait left the job running or being canceled: what it is now is read from the backend.
+    if summary.status not in ACTIVE and _job_not_seen_ending(summary.job):
+        summary.job.update(await _from_backend("the job", _job_now, summary.job["name"]))
     if req.params.get("metrics") == "true" and summary.job and summary.job.get("name"):
         summary.job["metrics"] = await _from_backend("the job's metrics", _job_metrics, summary.job["name"])
     return _json(summary.model_dump(exclude_none=True))
@@ -178,6 +182,23 @@ def _endpoint_now(name: str) -> dict:
     except BackendError as exc:
         return {"error": str(exc)}
     return {"scoring_uri": ep.scoring_uri, "provisioning_state": ep.provisioning_state}
+
+
+def _job_not_seen_ending(job: dict | None) -> bool:
+    from backends.protocol import JOB_TERMINAL
+
+    return bool(job and job.get("name") and job.get("status") and job["status"] not in JOB_TERMINAL)
+
+
+def _job_now(job_name: str) -> dict:
+    """The job's state, read from the backend now."""
+    from backends.factory import get_backend
+    from backends.protocol import BackendError
+
+    try:
+        return get_backend().get_job(job_name).model_dump(exclude_none=True, exclude={"name"})
+    except BackendError as exc:
+        return {"error": str(exc)}
 
 
 def _job_metrics(job_name: str) -> dict:
