@@ -96,6 +96,7 @@ async def start_finetune(req: func.HttpRequest, client: df.DurableOrchestrationC
             },
             409,
         )
+    await _terminate_waits(client, run_id, "its run was started again")
     names = RunNames.for_run(run_id, cfg)
     pipeline_input = PipelineInput(run_id=run_id, backend=settings.backend, config=cfg, names=vars(names))
     await client.start_new(PIPELINE, run_id, pipeline_input.model_dump(mode="json"))
@@ -139,6 +140,10 @@ async def get_run(req: func.HttpRequest, client: df.DurableOrchestrationClient) 
     # backend (one read per request for a finished run; a running run shows the name only).
     if summary.status not in ACTIVE and summary.endpoint and summary.endpoint.get("name"):
         summary.endpoint.update(await _from_backend("the endpoint", _endpoint_now, summary.endpoint["name"]))
+    # The job's status comes from its wait's last poll; a run that ended during (or at the deadline of)
+    # that wait left the job running or being canceled: what it is now is read from the backend.
+    if summary.status not in ACTIVE and _job_not_seen_ending(summary.job):
+        summary.job.update(await _from_backend("the job", _job_now, summary.job["name"]))
     if req.params.get("metrics") == "true" and summary.job and summary.job.get("name"):
         summary.job["metrics"] = await _from_backend("the job's metrics", _job_metrics, summary.job["name"])
     return _json(summary.model_dump(exclude_none=True))
@@ -177,6 +182,23 @@ def _endpoint_now(name: str) -> dict:
     except BackendError as exc:
         return {"error": str(exc)}
     return {"scoring_uri": ep.scoring_uri, "provisioning_state": ep.provisioning_state}
+
+
+def _job_not_seen_ending(job: dict | None) -> bool:
+    from backends.protocol import JOB_TERMINAL
+
+    return bool(job and job.get("name") and job.get("status") and job["status"] not in JOB_TERMINAL)
+
+
+def _job_now(job_name: str) -> dict:
+    """The job's state, read from the backend now."""
+    from backends.factory import get_backend
+    from backends.protocol import BackendError
+
+    try:
+        return get_backend().get_job(job_name).model_dump(exclude_none=True, exclude={"name"})
+    except BackendError as exc:
+        return {"error": str(exc)}
 
 
 def _job_metrics(job_name: str) -> dict:
@@ -223,10 +245,7 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
     # Azure queues the termination: an episode already running still commits what it scheduled (a wait's
     # monitor, a job submission). Look for children and the job once the run reads as ended.
     await _until_ended(client, run_id)
-    for step in WAIT_STEPS:  # children are not terminated with their parent
-        child = await client.get_status(wait_instance_id(run_id, step))
-        if child and child.runtime_status and child.runtime_status.name in ACTIVE:
-            await client.terminate(wait_instance_id(run_id, step), "run canceled")
+    await _terminate_waits(client, run_id, "run canceled")
     names = (status.custom_status or {}).get("names", {}) if isinstance(status.custom_status, dict) else {}
     job_name = names.get("job")
     job = None
@@ -238,6 +257,16 @@ async def cancel_run(req: func.HttpRequest, client: df.DurableOrchestrationClien
 
 
 CANCEL_WAIT_S = 20.0
+
+
+async def _terminate_waits(client: df.DurableOrchestrationClient, run_id: str, reason: str) -> None:
+    """Children are not terminated with their parent: a run ended through Durable's own terminate (the
+    check-status payload's ``terminatePostUri``) leaves its wait polling until its deadline, and a run
+    started again under its id could not start that wait (its instance id is taken)."""
+    for step in WAIT_STEPS:
+        child = await client.get_status(wait_instance_id(run_id, step))
+        if child and child.runtime_status and child.runtime_status.name in ACTIVE:
+            await client.terminate(wait_instance_id(run_id, step), reason)
 
 
 async def _until_ended(client: df.DurableOrchestrationClient, run_id: str) -> None:

@@ -62,12 +62,15 @@ def wait_until_done(context: df.DurableOrchestrationContext):
         if result.done:
             return {**state.last, "polls": state.polls}
         if context.current_utc_datetime >= deadline:
+            # The parent reports ``detail["error"]`` as the wait step's error: it says why, not "TimedOut".
+            gave_up = f"gave up waiting at {state.deadline}: still {result.status} after {state.polls} polls"
+            last_error = result.detail.get("error")
             return {
                 "done": True,
                 "ok": False,
                 "status": "TimedOut",
                 "polls": state.polls,
-                "detail": {**result.detail, "message": f"gave up waiting at {state.deadline}"},
+                "detail": {**result.detail, "error": f"{gave_up}; {last_error}" if last_error else gave_up},
             }
         wake = min(context.current_utc_datetime + timedelta(seconds=state.interval_seconds), deadline)
         yield context.create_timer(wake)

@@ -202,6 +202,10 @@ def build_summary(
         cleanup=outputs.get("cleanup"),
         abridged=bool(progress.get("abridged")),
     )
+    # A wait instance ``<run>:<step>`` outlives its run: re-submitting a run id finds the previous
+    # attempt's monitors. Only a wait this run has reached is its own.
+    reached = {s["name"] for s in summary.steps if s.get("status") not in (None, "pending", "skipped")}
+    waits = {step: live for step, live in waits.items() if step in reached}
     if summary.status in ("Running", "Pending"):
         _merge_live_waits(summary, waits)
     job = {"name": names.get("job"), **(outputs.get("wait_for_finetune") or {})}
@@ -217,7 +221,21 @@ def build_summary(
         summary.error = {"step": summary.current_step, "message": status.get("output")}
     if summary.status == "Terminated":
         summary.error = {"step": summary.current_step, "message": f"canceled: {status.get('output')}"}
+    if summary.status in ENDED:
+        _end_running_steps(summary)
     return summary
+
+
+# Runtime statuses after which the orchestrator never runs again, so never publishes a step's end.
+ENDED = ("Failed", "Terminated", "Canceled")
+
+
+def _end_running_steps(summary: RunSummary) -> None:
+    """A run terminated mid-step (or failed outside a step) left that step "running" in its status."""
+    for step in summary.steps:
+        if step.get("status") == "running":
+            step["status"] = "failed"
+            step["error"] = step.get("error") or (summary.error or {}).get("message") or summary.status
 
 
 def _merge_live_waits(summary: RunSummary, waits: dict[str, dict[str, Any]]) -> None:

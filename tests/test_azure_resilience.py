@@ -150,6 +150,8 @@ def test_canceling_a_run_cancels_its_azure_ml_job_and_its_wait(fake_azure: FakeA
     (job,) = fake_azure.store.by_type("Microsoft.MachineLearningServices/workspaces/jobs")
     assert job["properties"]["status"] in ("CancelRequested", "Canceled")
     assert waits["runtimeStatus"] == "Terminated"  # the monitor polling the job stopped too
+    # what the job is now, not what the monitor's last poll before the cancel said ("Running")
+    assert done["job"]["status"] in ("CancelRequested", "Canceled")
 
 
 def test_a_run_canceled_while_its_job_is_being_submitted_cancels_that_job_too(

@@ -105,6 +105,18 @@ def test_monitor_gives_up_at_its_deadline(host):
     assert out["status"] == "TimedOut" and out["ok"] is False
 
 
+def test_a_wait_past_its_deadline_says_why_as_the_error_the_wait_step_reports(host):
+    args = monitor_input("timeout-says-why", 10_000, deadline_s=1)
+    out = host.wait(host.start_orchestration("wait_until_done", args, instance_id="mon-timeout-why"))[
+        "output"
+    ]
+
+    # orchestrators.finetune reports detail["error"] (else "ended TimedOut") as the step's error
+    error = out["detail"]["error"]
+    assert error.startswith(f"gave up waiting at {args['deadline']}: still Running after ")
+    assert error.endswith(f"after {out['polls']} polls")
+
+
 def test_live_progress_is_in_custom_status(host):
     iid = host.start_orchestration(
         "wait_until_done", monitor_input("f", 40, interval=0.1, max_seconds=0.1), instance_id="mon-f"

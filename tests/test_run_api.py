@@ -204,6 +204,37 @@ def failed_run(host, tmp_path_factory) -> str:
     return run_id
 
 
+def test_starting_a_run_id_again_ends_the_wait_its_previous_attempt_left_polling(host, tmp_path):
+    """Durable's own terminate (the check-status payload's terminatePostUri) ends a run, not its wait:
+    the monitor would poll on until its deadline, and the run started again could not start its own."""
+    run_id = "api-again-1"
+    wait = f"{run_id}:wait_for_finetune"
+    monitor = {
+        "check": "job_status",
+        "args": {"job_name": f"{run_id}-job"},
+        "interval_seconds": 30,
+        "max_seconds": 300,
+        "deadline": "2999-01-01T00:00:00+00:00",
+    }
+    host.start_orchestration("wait_until_done", monitor, instance_id=wait)
+    # Suspended, it stays active for as long as the test takes (an active status the cancel also ends).
+    assert requests.post(f"{host.durable}/instances/{wait}/suspend", timeout=10).status_code == 202
+    host.wait(wait, until=lambda s: s["runtimeStatus"] == "Suspended")
+    bad = tmp_path / "chats.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "robot", "content": "beep"}]}) + "\n")
+    body = {"preset": "smoke", "run_id": run_id, "dataset": {"hub_id": None, "files": [str(bad)]}}
+    try:
+        assert post_finetune(host, json=body).status_code == 202
+        assert wait_status(host, run_id) == "Failed"  # at prepare_dataset: nothing trains
+
+        assert host.wait(wait)["runtimeStatus"] == "Terminated"
+        assert host.status(wait).json()["output"] == "its run was started again"
+    finally:
+        requests.post(
+            f"{host.durable}/instances/{wait}/terminate", params={"reason": "test over"}, timeout=10
+        )
+
+
 ODD_DELIVERY_KEY = "t/pending/odd/1"
 
 

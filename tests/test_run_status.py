@@ -112,3 +112,53 @@ def test_a_run_without_a_status_yet_lists_every_step_as_still_to_come():
 
 def test_the_view_is_a_function_of_the_progress_alone():
     assert status_view(progress(2000)) == status_view(progress(2000))
+
+
+def running_at(step: str) -> RunProgress:
+    """A run whose steps up to ``step`` succeeded and ``step`` is under way."""
+    run = RunProgress.start("ft-again", "local", "smoke", {"job": "ft-again-job"})
+    for i, name in enumerate(STEP_ORDER):
+        run.begin(name, T0 + timedelta(minutes=i))
+        if name == step:
+            break
+        run.finish(name, StepResult(summary="done"), T0 + timedelta(minutes=i, seconds=30))
+    return run
+
+
+# What a previous attempt's monitor <run>:wait_for_finetune still holds when the run id is re-submitted.
+OLD_JOB_WAIT = {"polls": 40, "status": "Completed", "step": 120, "total_steps": 120, "train_loss": 0.42}
+
+
+def test_a_resubmitted_run_does_not_show_the_previous_attempts_job_before_it_reaches_the_wait():
+    view = status_view(running_at("prepare_dataset"))
+
+    summary = build_summary(
+        "ft-again", {"runtimeStatus": "Running", "customStatus": view}, {"wait_for_finetune": OLD_JOB_WAIT}
+    )
+
+    assert summary.job == {"name": "ft-again-job"}
+    assert all("live" not in step for step in summary.steps)
+
+
+def test_the_live_wait_of_the_run_is_shown_once_it_reached_the_wait():
+    view = status_view(running_at("wait_for_finetune"))
+    live = {"polls": 3, "status": "Running", "step": 7, "total_steps": 120, "train_loss": 1.9}
+
+    summary = build_summary(
+        "ft-again", {"runtimeStatus": "Running", "customStatus": view}, {"wait_for_finetune": live}
+    )
+
+    assert summary.job == {"name": "ft-again-job", **live}
+    assert summary.steps[STEP_ORDER.index("wait_for_finetune")]["live"] == live
+
+
+def test_a_run_canceled_mid_step_shows_that_step_ended_not_running():
+    view = status_view(running_at("wait_for_finetune"))
+    status = {"runtimeStatus": "Terminated", "customStatus": view, "output": "canceled by user"}
+
+    summary = build_summary("ft-again", status, {"wait_for_finetune": {"polls": 3, "status": "Running"}})
+
+    step = summary.steps[STEP_ORDER.index("wait_for_finetune")]
+    assert (step["status"], step["error"]) == ("failed", "canceled: canceled by user")
+    assert not [s["name"] for s in summary.steps if s["status"] == "running"]
+    assert summary.error == {"step": "wait_for_finetune", "message": "canceled: canceled by user"}
