@@ -1,6 +1,6 @@
 """Evaluate a chat model on held-out conversations: ROUGE-L and F1 against the reference answer
-(F1 is azure-ai-evaluation's evaluator; ROUGE-L is computed here, see ``rouge_l``), answer length,
-errors and latency.
+(azure-ai-evaluation's F1, and its ``rouge_score`` with a tokenizer for any script; see ``_scorers``),
+answer length, errors and latency.
 
 Each test conversation is cut before its last assistant turn; the model answers the conversation so
 far and its answer is scored against that reference turn. ``answer`` is any callable from messages
@@ -103,23 +103,22 @@ class _AnyScript:
         return rouge_tokens(text)
 
 
-def rouge_l(answer: str, reference: str) -> float:
-    """ROUGE-L F-measure (the longest common subsequence of words), by the ``rouge_score`` that
-    azure-ai-evaluation's RougeScoreEvaluator runs, with a tokenizer for any script: its own keeps only
-    ``[a-z0-9]``, so an answer in Cyrillic, Greek, Chinese, ... had no words and scored 0.0 even when it
-    was the reference word for word. ASCII text scores as it does there.
-    """
-    from azure.ai.evaluation._vendor.rouge_score.rouge_scorer import RougeScorer
-
-    return RougeScorer(["rougeL"], tokenizer=_AnyScript()).score(reference, answer)["rougeL"].fmeasure
-
-
 def _scorers():
+    """ROUGE-L's F-measure and F1, each ``(answer, reference) -> float``.
+
+    ROUGE-L is the ``rouge_score`` that azure-ai-evaluation's RougeScoreEvaluator runs, given a tokenizer
+    for any script: its own keeps only ``[a-z0-9]``, so an answer in Cyrillic, Greek, Chinese, ... had no
+    words and scored 0.0 even when it was the reference word for word. ASCII text scores as it does there.
+    """
     ensure_promptflow_configured(get_settings().state_dir)  # azure-ai-evaluation imports promptflow
     from azure.ai.evaluation import F1ScoreEvaluator
+    from azure.ai.evaluation._vendor.rouge_score.rouge_scorer import RougeScorer
 
-    f1 = F1ScoreEvaluator()
-    return (rouge_l, lambda answer, ref: f1(response=answer, ground_truth=ref)["f1_score"])
+    rouge, f1 = RougeScorer(["rougeL"], tokenizer=_AnyScript()), F1ScoreEvaluator()
+    return (
+        lambda answer, ref: rouge.score(ref, answer)["rougeL"].fmeasure,
+        lambda answer, ref: f1(response=answer, ground_truth=ref)["f1_score"],
+    )
 
 
 def evaluate_answers(
