@@ -353,6 +353,23 @@ def test_suspend_holds_events_until_resume(host):
     assert host.wait(iid)["output"]["approved"] is True
 
 
+def test_a_suspend_that_lands_while_an_episode_runs_holds_after_that_episode_commits(host, tmp_path):
+    # As on Azure, the episode under way commits its decisions; the instance stays Suspended (it was set
+    # back to Running, and went on to finish while its status had said Suspended).
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    iid = host.start_orchestration("slow_episode", {"started": str(started), "gate": str(gate)})
+    wait_for(started.exists, timeout=60, what="the first episode to start")
+    assert requests.post(f"{host.durable}/instances/{iid}/suspend", timeout=10).status_code == 202
+    gate.touch()
+    ran = lambda: [r for r in host.records("say_hello") if r["name"] == "gate"]  # noqa: E731
+    wait_for(ran, timeout=60, what="the activity the episode scheduled")
+    time.sleep(0.5)  # give a (wrong) host the chance to take the activity's result while suspended
+
+    assert host.status(iid).json()["runtimeStatus"] == "Suspended"
+    assert requests.post(f"{host.durable}/instances/{iid}/resume", timeout=10).status_code == 202
+    assert host.wait(iid)["output"] == "Hello gate!"
+
+
 def test_list_filters_by_status_and_prefix(host):
     prefix = f"list-{uuid.uuid4().hex[:6]}-"
     for i in range(3):

@@ -303,7 +303,9 @@ class DurableEngine(InstanceControl, ActivityWorker):
                 events += self._schedule(tx, inst, result, ts, after)
                 events.append(h.played(h.dumps(h.orchestrator_completed(ts))))
                 self._append(tx, inst.id, events, start=len(replay.events))
-                self.store.update_instance(tx, inst.id, status=h.RUNNING, **fields)
+                # A suspend that landed while the episode ran holds: the episode commits, no later one runs.
+                status = h.SUSPENDED if current.status == h.SUSPENDED else h.RUNNING
+                self.store.update_instance(tx, inst.id, status=status, **fields)
         if error is None and not result.is_done:
             replay.absorb(events)
         else:

@@ -423,3 +423,16 @@ def decides_slowly(context: df.DurableOrchestrationContext):
             time.sleep(0.05)
     yield context.call_activity("slow_step", {"step": context.instance_id, "seconds": 0})
     return "done"
+
+
+@app.orchestration_trigger(context_name="context")
+def slow_episode(context: df.DurableOrchestrationContext):
+    """Its first episode lasts until the file ``gate`` exists (it writes ``started`` first), so a test can
+    act on the instance while an episode is under way."""
+    args = context.get_input()
+    if not context.is_replaying:
+        Path(args["started"]).touch()
+        deadline = time.monotonic() + 60
+        while not Path(args["gate"]).exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+    return (yield context.call_activity("say_hello", "gate"))
